@@ -1,0 +1,66 @@
+# Entry points: `make run` (install, then one real DAG run on the built-in data)
+# and `make test` (install, then the test suite). See README.md.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+UV := $(CURDIR)/.tools/bin/uv
+VENV := $(CURDIR)/.venv
+BIN := $(VENV)/bin
+
+# Airflow keeps its metadata database and logs inside the project.
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := False
+export AIRFLOW__API__HOST := 127.0.0.1
+export AIRFLOW__API__PORT ?= 8080
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS ?= True
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export FER_ARTIFACT_ROOT ?= file://$(CURDIR)/mlartifacts
+export PYTHONUNBUFFERED := 1
+
+# `make run` settings: empty paths select the built-in synthetic data.
+TRAIN_CSV ?=
+TEST_CSV ?=
+EPOCHS ?= 12
+CONF ?= {}
+MLFLOW_PORT ?= 5000
+
+.PHONY: install run test test-fast bench ui clean
+
+$(UV):
+	$(PYTHON) -m venv $(CURDIR)/.tools
+	$(CURDIR)/.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.installed: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python 3.11
+	touch $@
+
+install: $(VENV)/.installed
+
+$(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed
+	mkdir -p $(AIRFLOW_HOME)
+	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (tail -n 40 $(AIRFLOW_HOME)/db-migrate.log; exit 1)
+
+run: install $(AIRFLOW_HOME)/airflow.db
+	$(BIN)/python scripts/run_dag.py --train-csv "$(TRAIN_CSV)" --test-csv "$(TEST_CSV)" --epochs $(EPOCHS) --conf '$(CONF)'
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+ui: install $(AIRFLOW_HOME)/airflow.db
+	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "Airflow UI: http://127.0.0.1:$(AIRFLOW__API__PORT)  (press Ctrl-C to stop both)"
+	trap 'kill 0' EXIT; \
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri "$(MLFLOW_TRACKING_URI)" --default-artifact-root "$(FER_ARTIFACT_ROOT)" & \
+	$(BIN)/airflow api-server --host 127.0.0.1 --port $(AIRFLOW__API__PORT) & \
+	wait
+
+clean:
+	rm -rf output .cache data/builtin mlflow.db mlartifacts $(AIRFLOW_HOME)

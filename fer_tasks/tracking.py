@@ -1,0 +1,298 @@
+"""Experiment tracking: the one module that talks to MLflow.
+
+Stages hand each other MLflow run ids and model URIs, never files on a worker's
+disk, so any Airflow worker can run any task. Runs are found by their tags (DAG id,
+DAG run id, task id), never by name alone, which keeps retries from adding orphans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from fer_tasks import config as settings
+
+logger = logging.getLogger(__name__)
+
+TAG_DAG_ID = "airflow.dag_id"
+TAG_DAG_RUN_ID = "airflow.dag_run_id"
+TAG_TASK_ID = "airflow.task_id"
+TAG_TRY_NUMBER = "airflow.try_number"
+TAG_ROLE = "fer.role"
+TAG_MODEL = "fer.model"
+
+# Artifact paths inside each model's run: one stage writes them, a later one reads them.
+HISTORY_ARTIFACT = "history.json"
+ARCHITECTURE_ARTIFACT = "architecture.json"
+SUMMARY_ARTIFACT = "model_summary.txt"
+EVALUATION_ARTIFACT = "evaluation/evaluation.json"
+CONFUSION_TABLE_ARTIFACT = "evaluation/confusion_matrix.csv"
+CONFUSION_FIGURE_ARTIFACT = "evaluation/confusion_matrix.png"
+PREDICTIONS_ARTIFACT = "predictions/test_predictions.csv"
+SALIENCY_ARTIFACT = "explanation/saliency.png"
+FILTERS_ARTIFACT = "explanation/filters.png"
+ACTIVATIONS_ARTIFACT = "explanation/activations.png"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a stage runs: the Airflow ids that tag its MLflow run."""
+
+    dag_id: str = "fer_pipeline"
+    dag_run_id: str = "local"
+    task_id: str = "local"
+    try_number: int = 1
+
+    def tags(self) -> dict[str, str]:
+        return {
+            TAG_DAG_ID: self.dag_id,
+            TAG_DAG_RUN_ID: self.dag_run_id,
+            TAG_TASK_ID: self.task_id,
+            TAG_TRY_NUMBER: str(self.try_number),
+        }
+
+
+def client() -> MlflowClient:
+    """Return a client for the configured tracking URI, and make it the fluent default."""
+    uri = settings.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(name: str) -> str:
+    """Return the id of experiment `name`, creating it (with a local artifact root) if needed."""
+    tracking = client()
+    experiment = tracking.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            tracking.restore_experiment(experiment.experiment_id)
+            logger.warning("Restored deleted MLflow experiment %r", name)
+        return experiment.experiment_id
+    artifact_location = None
+    if settings.tracking_uri().startswith(("sqlite:", "file:", "/")):
+        artifact_location = f"{settings.artifact_root()}/{name}"
+    experiment_id = tracking.create_experiment(name, artifact_location=artifact_location)
+    logger.info("Created MLflow experiment %r (id %s)", name, experiment_id)
+    return experiment_id
+
+
+def find_runs(experiment_id: str, tags: dict[str, str]) -> list[Any]:
+    """Return the active (not deleted) runs of an experiment that carry all `tags`."""
+    clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    return client().search_runs(
+        [experiment_id], filter_string=" and ".join(clauses), max_results=100
+    )
+
+
+def start_pipeline_run(experiment_name: str, context: RunContext, params: dict[str, Any]) -> dict:
+    """Create (or on a retry, reuse) the parent run of one DAG run.
+
+    Returns `{"experiment_id", "parent_run_id"}`. The parent stays RUNNING until
+    `finish_pipeline_run`; the training runs nest under it.
+    """
+    experiment_id = ensure_experiment(experiment_name)
+    tracking = client()
+    key = {TAG_DAG_ID: context.dag_id, TAG_DAG_RUN_ID: context.dag_run_id, TAG_ROLE: "parent"}
+    existing = find_runs(experiment_id, key)
+    if existing:
+        run_id = existing[0].info.run_id
+        tracking.update_run(run_id, status="RUNNING")
+        logger.info("Reusing MLflow parent run %s for DAG run %s", run_id, context.dag_run_id)
+    else:
+        run = tracking.create_run(
+            experiment_id,
+            run_name=f"{context.dag_id} {context.dag_run_id}",
+            tags={**context.tags(), TAG_ROLE: "parent"},
+        )
+        run_id = run.info.run_id
+        for name, value in sorted(params.items()):
+            tracking.log_param(run_id, name, _param_value(value))
+        logger.info("Created MLflow parent run %s for DAG run %s", run_id, context.dag_run_id)
+    return {"experiment_id": experiment_id, "parent_run_id": run_id}
+
+
+def finish_pipeline_run(parent_run_id: str, status: str = "FINISHED") -> None:
+    """Close the parent run with `status` (FINISHED or FAILED)."""
+    client().set_terminated(parent_run_id, status=status)
+    logger.info("Closed MLflow parent run %s as %s", parent_run_id, status)
+
+
+def fail_pipeline_runs(dag_id: str, dag_run_id: str) -> None:
+    """Close every run of a DAG run that is still RUNNING as FAILED, in any experiment."""
+    tracking = client()
+    clauses = (
+        f"tags.`{TAG_DAG_ID}` = '{dag_id}' and tags.`{TAG_DAG_RUN_ID}` = '{dag_run_id}' "
+        "and attributes.status = 'RUNNING'"
+    )
+    for experiment in tracking.search_experiments():
+        for run in tracking.search_runs([experiment.experiment_id], filter_string=clauses):
+            tracking.set_terminated(run.info.run_id, status="FAILED")
+            logger.warning("Closed MLflow run %s of failed DAG run %s as FAILED", run.info.run_id, dag_run_id)
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
+    return text[:6000]
+
+
+@contextmanager
+def child_run(parent: dict, context: RunContext, model_name: str) -> Iterator[str]:
+    """Open the one MLflow run of a training task, nested under the parent run.
+
+    A run left by an earlier try of the same task (same DAG run and task id) is
+    deleted first, so a retry leaves exactly one run behind. The run ends FINISHED
+    when the block exits cleanly and FAILED when it raises.
+    """
+    client()
+    key = {TAG_DAG_ID: context.dag_id, TAG_DAG_RUN_ID: context.dag_run_id, TAG_TASK_ID: context.task_id}
+    for stale in find_runs(parent["experiment_id"], key):
+        client().delete_run(stale.info.run_id)
+        logger.warning(
+            "Deleted MLflow run %s left by an earlier try of task %s",
+            stale.info.run_id,
+            context.task_id,
+        )
+    tags = {**context.tags(), TAG_ROLE: "model", TAG_MODEL: model_name}
+    with mlflow.start_run(
+        experiment_id=parent["experiment_id"],
+        run_name=model_name,
+        parent_run_id=parent["parent_run_id"],
+        nested=True,
+        tags=tags,
+    ) as run:
+        logger.info(
+            "Opened MLflow run %s for model %s (parent %s)",
+            run.info.run_id,
+            model_name,
+            parent["parent_run_id"],
+        )
+        yield run.info.run_id
+
+
+@contextmanager
+def resumed_run(run_id: str) -> Iterator[str]:
+    """Reopen an existing run to add evaluation results, restoring its status afterwards."""
+    tracking = client()
+    status = tracking.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id):
+        yield run_id
+    if status != RunStatus.to_string(RunStatus.RUNNING):
+        tracking.set_terminated(run_id, status=status)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log parameters to the active run, JSON-encoding lists and dicts."""
+    mlflow.log_params({name: _param_value(value) for name, value in params.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
+
+
+def log_json(data: Any, artifact_file: str, run_id: str | None = None) -> None:
+    """Store `data` as a JSON artifact of `run_id` (default: the active run)."""
+    if run_id is None:
+        mlflow.log_dict(data, artifact_file)
+    else:
+        client().log_dict(run_id, data, artifact_file)
+
+
+def log_text(text: str, artifact_file: str, run_id: str | None = None) -> None:
+    if run_id is None:
+        mlflow.log_text(text, artifact_file)
+    else:
+        client().log_text(run_id, text, artifact_file)
+
+
+def log_figure(figure: Any, artifact_file: str, run_id: str | None = None) -> None:
+    """Store a matplotlib figure as a PNG artifact and close it."""
+    if run_id is None:
+        mlflow.log_figure(figure, artifact_file)
+    else:
+        client().log_figure(run_id, figure, artifact_file)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def log_file(path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+    if run_id is None:
+        mlflow.log_artifact(str(path), artifact_path)
+    else:
+        client().log_artifact(run_id, str(path), artifact_path)
+
+
+def load_json(run_id: str, artifact_file: str) -> Any:
+    """Return a JSON artifact of a run as Python data."""
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+
+
+def download(run_id: str, artifact_path: str, destination: str | Path) -> Path:
+    """Download a run's artifact (file or folder) under `destination`; return its local path."""
+    client()
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=artifact_path, dst_path=str(destination)
+    )
+    return Path(local)
+
+
+def log_keras_model(model: Any, sample_images: Any) -> str:
+    """Log a Keras model (Keras 3 format) with a signature to the active run; return its URI.
+
+    Requirements are passed explicitly: inferring them loads the model in a
+    subprocess, which took about 15 s per model.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    sample = np.asarray(sample_images, dtype=np.float32)
+    signature = infer_signature(sample, np.asarray(model.predict(sample, verbose=0)))
+    requirements = [
+        f"keras=={keras.__version__}",
+        f"tensorflow-cpu=={tf.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={np.__version__}",
+    ]
+    info = mlflow.keras.log_model(
+        model, name="model", signature=signature, pip_requirements=requirements
+    )
+    logger.info("Logged Keras model %s", info.model_uri)
+    return info.model_uri
+
+
+def load_keras_model(model_uri: str) -> Any:
+    """Load a Keras model logged by `log_keras_model`."""
+    client()
+    import mlflow.keras
+
+    return mlflow.keras.load_model(model_uri)
+
+
+def run_summary(run_id: str) -> dict[str, Any]:
+    """Return a run's status, tags and latest metrics as plain data."""
+    run = client().get_run(run_id)
+    return {
+        "run_id": run_id,
+        "status": run.info.status,
+        "tags": dict(run.data.tags),
+        "metrics": dict(run.data.metrics),
+        "params": dict(run.data.params),
+    }
+
+
+def metric_history(run_id: str, key: str) -> list[float]:
+    """Return the values of a metric ordered by step."""
+    history = client().get_metric_history(run_id, key)
+    return [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
+

@@ -1,0 +1,293 @@
+"""Training stage: fit one model, logging everything to its own MLflow run.
+
+The input pipeline is `tf.data`: uint8 images are batched first and then scaled
+(and, for `cnn_aug`, augmented) one batch at a time by Keras preprocessing layers,
+so augmentation runs vectorised beside the training step instead of image by image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from fer_tasks import tracking
+from fer_tasks.config import IMAGE_SIZE, PipelineConfig
+from fer_tasks.datasets import Splits, load_splits
+from fer_tasks.tracking import RunContext
+
+logger = logging.getLogger(__name__)
+
+ROTATION_DEGREES = 10.0
+SHIFT_FRACTION = 0.1
+
+
+def configure_threads() -> None:
+    """Apply `FER_TF_INTRA_OP_THREADS` and `FER_TF_INTER_OP_THREADS` before TensorFlow runs ops.
+
+    Several training tasks on one machine each get a share of its cores this way,
+    instead of every task starting one thread per core.
+    """
+    import tensorflow as tf
+
+    intra = int(os.environ.get("FER_TF_INTRA_OP_THREADS", "0"))
+    inter = int(os.environ.get("FER_TF_INTER_OP_THREADS", "0"))
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:
+        # TensorFlow fixes its thread pools when it first runs an op; in a process
+        # that already trained (a test session, a notebook) the first setting stays.
+        logger.warning("TensorFlow threads are already initialised; keeping the current setting")
+    logger.info(
+        "TensorFlow threads: intra-op %s, inter-op %s (0 means one per core)",
+        tf.config.threading.get_intra_op_parallelism_threads(),
+        tf.config.threading.get_inter_op_parallelism_threads(),
+    )
+
+
+def build_augmenter(seed: int) -> Any:
+    """Return the augmentation layers: flips, rotations of up to 10 degrees, 10% shifts."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomRotation(ROTATION_DEGREES / 360.0, fill_mode="nearest", seed=seed + 1),
+            layers.RandomTranslation(
+                SHIFT_FRACTION, SHIFT_FRACTION, fill_mode="nearest", seed=seed + 2
+            ),
+        ],
+        name="augmentation",
+    )
+
+
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    augment: bool,
+    seed: int,
+) -> Any:
+    """Return a `tf.data.Dataset` of (float32 (batch, 48, 48, 1) in [0, 1], int labels)."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    if shuffle:
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+
+    def scale(batch_images, batch_labels):
+        # (batch, 48, 48) uint8 -> (batch, 48, 48, 1) float32
+        scaled = tf.cast(batch_images, tf.float32)[..., tf.newaxis] / 255.0
+        return scaled, batch_labels
+
+    dataset = dataset.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment:
+        augmenter = build_augmenter(seed)
+        dataset = dataset.map(
+            lambda batch_images, batch_labels: (augmenter(batch_images, training=True), batch_labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def scale_images(images: np.ndarray) -> np.ndarray:
+    """Scale uint8 (n, 48, 48) images to float32 (n, 48, 48, 1) in [0, 1]."""
+    return (images.astype(np.float32) / 255.0).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)
+
+
+class EpochLogger:
+    """Build a Keras callback that logs each epoch to MLflow and to the task log."""
+
+    def __new__(cls, model_name: str, max_epochs: int) -> Any:
+        import keras
+
+        class _Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds = time.perf_counter() - self.started
+                metrics = {name: float(value) for name, value in (logs or {}).items()}
+                metrics["epoch_seconds"] = seconds
+                tracking.log_metrics(metrics, step=epoch + 1)
+                logger.info(
+                    "%s epoch %d/%d: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1f s)",
+                    model_name,
+                    epoch + 1,
+                    max_epochs,
+                    metrics.get("loss", float("nan")),
+                    metrics.get("accuracy", float("nan")),
+                    metrics.get("val_loss", float("nan")),
+                    metrics.get("val_accuracy", float("nan")),
+                    seconds,
+                )
+
+        return _Callback()
+
+
+def fit_model(model_name: str, splits: Splits, config: PipelineConfig) -> tuple[Any, dict]:
+    """Compile and fit a fresh model; return it with its history and timing."""
+    import keras
+
+    from fer_tasks.models import build_model
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(model_name)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    train = make_dataset(
+        splits.train_images,
+        splits.train_labels,
+        config.batch_size,
+        shuffle=True,
+        augment=model_name == "cnn_aug",
+        seed=config.seed,
+    )
+    validation = make_dataset(
+        splits.validation_images,
+        splits.validation_labels,
+        config.batch_size,
+        shuffle=False,
+        augment=False,
+        seed=config.seed,
+    )
+    stopping = keras.callbacks.EarlyStopping(
+        monitor="val_loss",
+        min_delta=config.min_delta,
+        patience=config.patience,
+        restore_best_weights=True,
+    )
+    epoch_logger = EpochLogger(model_name, config.epochs)
+    started = time.perf_counter()
+    history = model.fit(
+        train,
+        validation_data=validation,
+        epochs=config.epochs,
+        callbacks=[epoch_logger, stopping],
+        verbose=0,
+    )
+    seconds = time.perf_counter() - started
+    epochs_run = len(history.history["loss"])
+    best_epoch = int(np.argmin(history.history["val_loss"])) + 1
+    return model, {
+        "history": {key: [float(value) for value in values] for key, values in history.history.items()},
+        "epochs": epochs_run,
+        "best_epoch": best_epoch,
+        "train_seconds": seconds,
+        "seconds_per_epoch": seconds / epochs_run,
+    }
+
+
+def describe_architecture(model: Any) -> tuple[str, list[list[Any]]]:
+    """Return the Keras summary text and a (name, type, output shape, params) table."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+    table = [
+        [layer.name, type(layer).__name__, str(layer.output.shape), int(layer.count_params())]
+        for layer in model.layers
+    ]
+    return "\n".join(lines), table
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    import keras
+
+    trainable = sum(keras.ops.size(weight) for weight in model.trainable_weights)
+    non_trainable = sum(keras.ops.size(weight) for weight in model.non_trainable_weights)
+    return {
+        "parameters_total": int(model.count_params()),
+        "parameters_trainable": int(trainable),
+        "parameters_non_trainable": int(non_trainable),
+    }
+
+
+def train_model(
+    config: PipelineConfig, model_name: str, parent: dict, context: RunContext
+) -> dict[str, Any]:
+    """Train `model_name` in its own MLflow run under `parent`; return a small summary.
+
+    The summary (run id, model URI, headline metrics) is what travels by XCom.
+    """
+    configure_threads()
+    splits = load_splits(config)
+    logger.info(
+        "Training %s on %d images, validating on %d (max %d epochs, batch %d)",
+        model_name,
+        len(splits.train_labels),
+        len(splits.validation_labels),
+        config.epochs,
+        config.batch_size,
+    )
+    with tracking.child_run(parent, context, model_name) as run_id:
+        from fer_tasks.models import build_model
+
+        counts = parameter_counts(build_model(model_name))
+        tracking.log_params(
+            {
+                "model": model_name,
+                "augmentation": model_name == "cnn_aug",
+                **{key: value for key, value in config.to_dict().items()},
+                **counts,
+                "train_rows": len(splits.train_labels),
+                "validation_rows": len(splits.validation_labels),
+                "data_sha256": splits.sha256,
+            }
+        )
+        model, fit = fit_model(model_name, splits, config)
+        validation_loss, validation_accuracy = model.evaluate(
+            make_dataset(
+                splits.validation_images,
+                splits.validation_labels,
+                config.batch_size,
+                shuffle=False,
+                augment=False,
+                seed=config.seed,
+            ),
+            verbose=0,
+        )
+        tracking.log_metrics(
+            {
+                "best_val_loss": validation_loss,
+                "best_val_accuracy": validation_accuracy,
+                "epochs_run": fit["epochs"],
+                "best_epoch": fit["best_epoch"],
+                "seconds_per_epoch": fit["seconds_per_epoch"],
+            }
+        )
+        summary_text, architecture = describe_architecture(model)
+        tracking.log_text(summary_text, tracking.SUMMARY_ARTIFACT)
+        tracking.log_json(architecture, tracking.ARCHITECTURE_ARTIFACT)
+        tracking.log_json(fit, tracking.HISTORY_ARTIFACT)
+        model_uri = tracking.log_keras_model(model, scale_images(splits.validation_images[:4]))
+    logger.info(
+        "Trained %s: val_accuracy %.4f after %d epochs (best epoch %d, %.1f s per epoch)",
+        model_name,
+        validation_accuracy,
+        fit["epochs"],
+        fit["best_epoch"],
+        fit["seconds_per_epoch"],
+    )
+    return {
+        "model": model_name,
+        "run_id": run_id,
+        "model_uri": model_uri,
+        "val_accuracy": float(validation_accuracy),
+        "val_loss": float(validation_loss),
+        "epochs": fit["epochs"],
+        "best_epoch": fit["best_epoch"],
+        "seconds_per_epoch": round(fit["seconds_per_epoch"], 3),
+        "parameters": counts["parameters_total"],
+    }

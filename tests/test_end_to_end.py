@@ -1,0 +1,153 @@
+"""End to end: real DAG runs through `airflow dags test` against a temporary MLflow store.
+
+Each run uses its own Airflow home (a migrated SQLite metadata database), MLflow
+store, cache and output folder under pytest's temporary directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("cnn_aug", "cnn", "dnn")
+QUICK_PARAMS = {
+    "epochs": 2,
+    "batch_size": 32,
+    "filters_per_layer": 2,
+    "ascent_steps": 3,
+    "saliency_images": [0, 1],
+    "activation_images": [0],
+}
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("airflow")
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        env=_environment(home, home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return home
+
+
+def _environment(airflow_home: Path, workspace: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+        "FER_ARTIFACT_ROOT": (workspace / "mlartifacts").as_uri(),
+        "FER_OUTPUT_DIR": str(workspace / "output"),
+        "FER_CACHE_DIR": str(workspace / "cache"),
+        "FER_BUILTIN_DATA_DIR": str(workspace / "builtin"),
+    }
+
+
+def run_dag(airflow_home: Path, workspace: Path, conf: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "dags", "test", "fer_pipeline", "--conf", json.dumps(conf)],
+        env=_environment(airflow_home, workspace),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+    (workspace / "dag-test.log").write_text(result.stdout + result.stderr)
+    return result
+
+
+def mlflow_runs(workspace: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fer2013")
+    assert experiment is not None, "the fer2013 experiment was not created"
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def check_outputs(workspace: Path, expected_test_ids: list[int]) -> dict:
+    output = workspace / "output" / "latest"
+    assert output.is_symlink(), "output/latest was not created"
+    summary = json.loads((output / "summary.json").read_text())
+    for name in ("submission.csv", "report.html", "report.md", "summary.json", "figures/curves.png"):
+        assert (output / name).is_file(), name
+    for model in MODELS:
+        assert (output / "submissions" / f"{model}.csv").is_file(), model
+        assert (output / "figures" / f"confusion_{model}.png").is_file(), model
+    for model in ("cnn_aug", "cnn"):
+        assert (output / "figures" / f"saliency_{model}.png").is_file(), model
+        assert (output / "figures" / f"filters_{model}.png").is_file(), model
+        assert (output / "figures" / f"activations_{model}.png").is_file(), model
+
+    with open(output / "submission.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["id", "label"]
+    assert sorted(int(row[0]) for row in rows[1:]) == sorted(expected_test_ids)
+    assert all(row[1].isdigit() and 0 <= int(row[1]) <= 6 for row in rows[1:])
+
+    report = (output / "report.html").read_text()
+    markdown = (output / "report.md").read_text()
+    for model in MODELS:
+        assert model in report
+        assert model in markdown
+    assert list(output.parent.glob("**/*.partial*")) == []
+    return summary
+
+
+def check_mlflow(workspace: Path) -> None:
+    client, runs = mlflow_runs(workspace)
+    parents = [run for run in runs if run.data.tags.get("fer.role") == "parent"]
+    children = [run for run in runs if run.data.tags.get("fer.role") == "model"]
+    assert len(parents) == 1
+    assert parents[0].info.status == "FINISHED"
+    assert sorted(run.data.tags["fer.model"] for run in children) == sorted(MODELS)
+    for run in children:
+        model = run.data.tags["fer.model"]
+        assert run.info.status == "FINISHED", model
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["airflow.task_id"] == f"train_{model}"
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds", "val_accuracy_final"):
+            assert key in run.data.metrics, (model, key)
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) >= 1
+        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert {"history.json", "model_summary.txt", "evaluation"} <= artifacts, (model, artifacts)
+        logged_models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                    filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert len(logged_models) == 1, model
+    parent_artifacts = {item.path for item in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert "report/report.html" in parent_artifacts
+
+
+def test_dag_run_on_builtin_data(airflow_home, tmp_path):
+    conf = {**QUICK_PARAMS, "builtin_rows": 420, "builtin_test_rows": 70}
+    result = run_dag(airflow_home, tmp_path, conf)
+    assert result.returncode == 0, (tmp_path / "dag-test.log").read_text()[-6000:]
+    summary = check_outputs(tmp_path, list(range(70)))
+    assert set(summary["models"]) == set(MODELS)
+    check_mlflow(tmp_path)
+
+
+def test_dag_run_on_sample_files(airflow_home, tmp_path, fer_data_dir):
+    train, test = fer_data_dir / "sample_train.csv", fer_data_dir / "sample_test.csv"
+    conf = {**QUICK_PARAMS, "train_csv": str(train), "test_csv": str(test)}
+    result = run_dag(airflow_home, tmp_path, conf)
+    assert result.returncode == 0, (tmp_path / "dag-test.log").read_text()[-6000:]
+    with open(test, newline="") as handle:
+        expected_ids = [int(row["id"]) for row in csv.DictReader(handle)]
+    check_outputs(tmp_path, expected_ids)
+    check_mlflow(tmp_path)
