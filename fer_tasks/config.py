@@ -80,7 +80,7 @@ class PipelineConfig:
     builtin_rows: int = 3500
     builtin_test_rows: int = 700
     saliency_images: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
-    filter_layers: tuple[str, ...] = ("block1_conv1", "block2_conv1", "block3_conv2")
+    filter_layers: tuple[str, ...] = ("block1_conv2", "block2_conv2", "block3_conv2")
     filters_per_layer: int = 8
     ascent_steps: int = 40
     activation_layer: str = "block1_conv2"

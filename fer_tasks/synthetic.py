@@ -9,7 +9,7 @@ expressions look close to Neutral, and Fear and Surprise share raised brows and
 wide eyes. The classes therefore overlap a little, as they do in FER2013.
 
 The files follow the course format of FER2013: `train.csv` (`label,feature`),
-`test.csv` (`id,feature`) and the answer key `test_labels.csv` (`id,label`), where
+`test.csv` (`id,feature`) and the test labels `test_labels.csv` (`id,label`).
 `feature` is 2,304 space-separated pixel values in row-major order.
 """
 
@@ -88,7 +88,10 @@ def generate_faces(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Draw `count` synthetic faces with balanced classes.
 
     Labels go round-robin through the seven classes and are then shuffled, so class
-    sizes differ by at most one. The same seed always gives the same arrays.
+    sizes differ by at most one. The same seed gives the same arrays.
+
+    NOTE: NumPy allows `Generator` distributions to change between versions, so a
+    NumPy upgrade may change the images drawn for a seed.
 
     Args:
         count: number of images, at least 0.
@@ -110,7 +113,7 @@ def generate_faces(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     images = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     chunk_count = -(-count // CHUNK_SIZE)
-    for chunk, chunk_stream in zip(range(chunk_count), noise_stream.spawn(chunk_count)):
+    for chunk, chunk_stream in enumerate(noise_stream.spawn(chunk_count)):
         rows = slice(chunk * CHUNK_SIZE, min(count, (chunk + 1) * CHUNK_SIZE))
         chunk_face = {name: values[rows] for name, values in face.items()}
         images[rows] = _render(chunk_face, np.random.default_rng(chunk_stream))
@@ -161,12 +164,12 @@ def _draw_identity(count: int, rng: np.random.Generator) -> dict[str, np.ndarray
         "head_width": rng.normal(0.80, 0.04, count),
         "head_height": rng.normal(1.05, 0.04, count),
         "eye_spacing": rng.normal(0.33, 0.025, count),
-        "eye_height": rng.normal(-0.12, 0.03, count),
+        "eye_level": rng.normal(-0.12, 0.03, count),
         "eye_width": rng.normal(0.17, 0.012, count),
         "gaze": rng.normal(0.0, 0.02, count),
         "brow_thickness": rng.uniform(0.08, 0.11, count),
         "brow_length": rng.normal(0.30, 0.03, count),
-        "mouth_height": rng.normal(0.52, 0.04, count),
+        "mouth_level": rng.normal(0.52, 0.04, count),
         "lip_thickness": rng.uniform(0.04, 0.06, count),
         "skin": rng.uniform(0.55, 0.85, count),
         "hair": rng.uniform(0.05, 0.5, count),
@@ -192,28 +195,29 @@ def _draw_photo(count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _render(face: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """Draw one chunk of faces from their parameters; return uint8 (n, 48, 48)."""
-    p = {name: values[:, None, None].astype(np.float32) for name, values in face.items()}
-    count = len(face["scale"])
+def _render(parameters: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Draw one chunk of faces from their parameters as uint8 (n, 48, 48)."""
+    # Each parameter becomes (n, 1, 1), so it broadcasts over the pixel grid.
+    face = {name: values[:, None, None].astype(np.float32) for name, values in parameters.items()}
+    count = len(parameters["scale"])
 
     # Face coordinates (u, v) of every pixel centre, each (n, 48, 48): the inverse
     # of rotating by `rotation`, scaling by `scale` and moving to the face centre.
     pixel_y, pixel_x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
-    dx = pixel_x[None] - p["center_x"]
-    dy = pixel_y[None] - p["center_y"]
-    cos, sin = np.cos(p["rotation"]), np.sin(p["rotation"])
-    u = (cos * dx + sin * dy) / p["scale"]
-    v = (-sin * dx + cos * dy) / p["scale"]
-    pixel = 1.0 / p["scale"]  # one pixel in face units, (n, 1, 1)
+    dx = pixel_x[None] - face["center_x"]
+    dy = pixel_y[None] - face["center_y"]
+    cos, sin = np.cos(face["rotation"]), np.sin(face["rotation"])
+    u = (cos * dx + sin * dy) / face["scale"]
+    v = (-sin * dx + cos * dy) / face["scale"]
+    pixel = 1.0 / face["scale"]  # one pixel in face units, (n, 1, 1)
 
-    image = p["background"] + p["background_slope"] * (dx - dy)
-    image = _draw_head(image, u, v, pixel, p)
-    image = _draw_eyes(image, u, v, pixel, p)
-    image = _draw_brows(image, u, v, pixel, p)
-    image = _draw_nose(image, u, v, pixel, p)
-    image = _draw_mouth(image, u, v, pixel, p)
-    image = _degrade(image, p, rng, count)
+    image = face["background"] + face["background_slope"] * (dx - dy)
+    image = _draw_head(image, u, v, pixel, face)
+    image = _draw_eyes(image, u, v, pixel, face)
+    image = _draw_brows(image, u, v, pixel, face)
+    image = _draw_nose(image, u, v, pixel, face)
+    image = _draw_mouth(image, u, v, pixel, face)
+    image = _degrade(image, face, rng, count)
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
@@ -240,112 +244,113 @@ def _segment_distance(u, v, start_u, start_v, end_u, end_v):
     return np.hypot(u - start_u - fraction * along_u, v - start_v - fraction * along_v)
 
 
-def _draw_head(image, u, v, pixel, p):
+def _draw_head(image, u, v, pixel, face):
     """Draw the hair behind and above the head, then the lit, shaded skin."""
-    width, height = p["head_width"], p["head_height"]
+    width, height = face["head_width"], face["head_height"]
     hair_outline = _ellipse_distance(u, v + 0.05, width + 0.09, height + 0.07)
-    image = _blend(image, p["hair"], _coverage(hair_outline, pixel))
+    image = _blend(image, face["hair"], _coverage(hair_outline, pixel))
 
-    # Light falls from `light_angle`; the skin darkens towards the head's edge.
-    light = 1.0 + p["light_strength"] * (np.cos(p["light_angle"]) * u + np.sin(p["light_angle"]) * v)
+    # Light falls from `light_angle`, and the skin darkens towards the head's edge.
+    angle = face["light_angle"]
+    light = 1.0 + face["light_strength"] * (np.cos(angle) * u + np.sin(angle) * v)
     edge_shade = 1.0 - 0.25 * ((u / width) ** 2 + (v / height) ** 2)
-    skin = p["skin"] * light * edge_shade
+    skin = face["skin"] * light * edge_shade
     head = _coverage(_ellipse_distance(u, v, width, height), pixel)
     image = _blend(image, skin, head)
 
     # The fringe covers the forehead above a hairline that curves down at the temples.
-    hairline = p["hairline"] + 0.25 * u**2
+    hairline = face["hairline"] + 0.25 * u**2
     fringe = _coverage(v - hairline, pixel) * head
-    return _blend(image, p["hair"], fringe)
+    return _blend(image, face["hair"], fringe)
 
 
-def _draw_eyes(image, u, v, pixel, p):
+def _draw_eyes(image, u, v, pixel, face):
     """Draw two eyes: pale sclera, dark iris, dark upper lid line."""
-    half_height = 0.085 * p["eye_openness"]
+    half_height = 0.085 * face["eye_openness"]
     for side in (-1.0, 1.0):
-        eye_u = u - side * p["eye_spacing"]
-        eye_v = v - p["eye_height"]
-        outline = _ellipse_distance(eye_u, eye_v, p["eye_width"], half_height)
+        eye_u = u - side * face["eye_spacing"]
+        eye_v = v - face["eye_level"]
+        outline = _ellipse_distance(eye_u, eye_v, face["eye_width"], half_height)
         inside = _coverage(outline, pixel)
-        image = _blend(image, 0.9 * p["skin"] + 0.1, inside)
+        image = _blend(image, 0.9 * face["skin"] + 0.1, inside)
 
-        iris = _coverage(np.hypot(eye_u - p["gaze"], eye_v) - 0.07, pixel) * inside
+        iris = _coverage(np.hypot(eye_u - face["gaze"], eye_v) - 0.07, pixel) * inside
         image = _blend(image, 0.08, iris)
 
-        upper_lid = (eye_v < 0) & (np.abs(eye_u) < p["eye_width"] + pixel)
+        upper_lid = (eye_v < 0) & (np.abs(eye_u) < face["eye_width"] + pixel)
         lid = _coverage(np.abs(outline) - 0.5 * pixel, pixel) * upper_lid
         image = _blend(image, 0.15, 0.8 * lid)
     return image
 
 
-def _draw_brows(image, u, v, pixel, p):
-    """Draw two straight brows; `brow_slant` > 0 pulls the inner ends down (a frown)."""
-    brow_v = p["eye_height"] - 0.2 - p["brow_raise"]
+def _draw_brows(image, u, v, pixel, face):
+    """Draw two straight brows. A positive `brow_slant` pulls the inner ends down (a frown)."""
+    brow_v = face["eye_level"] - 0.2 - face["brow_raise"]
     inner_u = 0.1
     for side in (-1.0, 1.0):
-        lowered = np.maximum(side * p["brow_asymmetry"], 0.0)
-        inner_v = brow_v + p["brow_slant"] + lowered
-        outer_v = brow_v - 0.6 * p["brow_slant"] + lowered
+        lowered = np.maximum(side * face["brow_asymmetry"], 0.0)
+        inner_v = brow_v + face["brow_slant"] + lowered
+        outer_v = brow_v - 0.6 * face["brow_slant"] + lowered
         distance = _segment_distance(
-            u, v, side * inner_u, inner_v, side * (inner_u + p["brow_length"]), outer_v
+            u, v, side * inner_u, inner_v, side * (inner_u + face["brow_length"]), outer_v
         )
-        brow = _coverage(distance - 0.5 * p["brow_thickness"], pixel)
-        image = _blend(image, np.minimum(0.6 * p["hair"], 0.4 * p["skin"]), brow)
+        brow = _coverage(distance - 0.5 * face["brow_thickness"], pixel)
+        image = _blend(image, np.minimum(0.6 * face["hair"], 0.4 * face["skin"]), brow)
     return image
 
 
-def _draw_nose(image, u, v, pixel, p):
+def _draw_nose(image, u, v, pixel, face):
     """Draw a faint nose: a shadow down one side and a line under the nostrils."""
     bridge = _segment_distance(u, v, 0.04, 0.0, 0.06, 0.22)
     base = _segment_distance(u, v, -0.07, 0.27, 0.07, 0.27)
     shadow = np.maximum(_coverage(bridge - 0.015, pixel), _coverage(base - 0.015, pixel))
-    return _blend(image, 0.5 * p["skin"], 0.5 * shadow)
+    return _blend(image, 0.5 * face["skin"], 0.5 * shadow)
 
 
-def _draw_mouth(image, u, v, pixel, p):
+def _draw_mouth(image, u, v, pixel, face):
     """Draw the lips and, when open, the dark mouth with the upper teeth.
 
     The lips follow a centre line c(x) across the mouth, where x runs from -1 at
-    one corner to 1 at the other: c = height - bend * x**2 + tilt * x + wave * sin(pi * x).
+    one corner to 1 at the other: c = level - bend * x**2 + tilt * x + wave * sin(pi * x).
     The opening has half-height open * (1 - |x|**s) ** (1/s) around that line.
     """
-    width = p["mouth_width"]
+    width = face["mouth_width"]
     across = np.clip(u / width, -1.0, 1.0)
     centre_line = (
-        p["mouth_height"]
-        - p["mouth_bend"] * across**2
-        + p["mouth_tilt"] * across
-        + p["mouth_wave"] * np.sin(np.pi * across)
+        face["mouth_level"]
+        - face["mouth_bend"] * across**2
+        + face["mouth_tilt"] * across
+        + face["mouth_wave"] * np.sin(np.pi * across)
     )
-    power = p["mouth_squareness"]
-    half_opening = p["mouth_open"] * (1.0 - np.abs(across) ** power) ** (1.0 / power)
+    power = face["mouth_squareness"]
+    half_opening = face["mouth_open"] * (1.0 - np.abs(across) ** power) ** (1.0 / power)
     offset = v - centre_line
 
     # Negative inside the opening, zero on its outline, positive outside.
     outline = np.maximum(np.abs(offset) - half_opening, np.abs(u) - width)
     cavity = _coverage(outline, pixel)
-    teeth = cavity * p["teeth"] * _coverage(offset + 0.35 * half_opening, pixel)
-    lips = _coverage(np.abs(outline) - p["lip_thickness"], pixel)
+    teeth = cavity * face["teeth"] * _coverage(offset + 0.35 * half_opening, pixel)
+    lips = _coverage(np.abs(outline) - face["lip_thickness"], pixel)
 
     image = _blend(image, 0.06, cavity)
     image = _blend(image, 0.85, teeth)
-    return _blend(image, 0.25 * p["skin"], lips)
+    return _blend(image, 0.25 * face["skin"], lips)
 
 
-def _degrade(image, p, rng, count):
+def _degrade(image, face, rng, count):
     """Blur, change contrast and brightness, and add pixel noise, as a camera would."""
-    # A 3x3 box blur mixed in with weight `blur`; edge pixels reuse their neighbours.
+    # Mix in a 3x3 box blur with weight `blur`. Edge pixels repeat at the border.
     padded = np.pad(image, ((0, 0), (1, 1), (1, 1)), mode="edge")
     blurred = sum(
         padded[:, row : row + IMAGE_SIZE, column : column + IMAGE_SIZE]
         for row in range(3)
         for column in range(3)
     ) / 9.0
-    image = _blend(image, blurred, p["blur"])
+    image = _blend(image, blurred, face["blur"])
 
-    image = (image - 0.5) * p["contrast"] + 0.5 + p["brightness"]
+    image = (image - 0.5) * face["contrast"] + 0.5 + face["brightness"]
     noise = rng.standard_normal((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    return image + p["noise"] * noise
+    return image + face["noise"] * noise
 
 
 def write_builtin_dataset(
@@ -418,7 +423,7 @@ def write_builtin_dataset(
 
 
 def _test_seed(seed: int) -> int:
-    """Derive the test set's seed, distinct from `seed` and from its neighbours."""
+    """Hash `seed` into the test set's seed, so that it does not equal a nearby training seed."""
     return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
 
 

@@ -1,59 +1,130 @@
-"""Run one real DAG run of fer_pipeline from the command line and say where its outputs are.
+"""Run one real DAG run of fer_pipeline on this machine and say where its outputs are.
 
-`make run` calls this after installing. It triggers `airflow dags test` with the
-LocalExecutor, so the three training tasks run in parallel as task processes, and
-the run is recorded in the Airflow metadata database like any other DAG run.
+`make run` calls this after installing. It starts an Airflow api-server on
+127.0.0.1 (task processes report to its execution API), runs the DAG with
+`airflow dags test --use-executor` under the LocalExecutor, so the three training
+tasks run in parallel as separate task processes, and stops the api-server again.
+The run is recorded in the Airflow metadata database like any other DAG run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAG_ID = "fer_pipeline"
+API_START_TIMEOUT_SECONDS = 180
+
+logger = logging.getLogger("run_dag")
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-csv", default="", help="training file; empty selects the built-in data")
     parser.add_argument("--test-csv", default="", help="test file (id,feature)")
-    parser.add_argument("--epochs", type=int, default=12, help="maximum epochs per model")
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per model")
     parser.add_argument(
         "--conf", default="{}", help="extra DAG params as a JSON object, for example '{\"seed\": 1}'"
+    )
+    parser.add_argument(
+        "--api-port", type=int, default=0, help="port of the api-server on 127.0.0.1 (0: any free port)"
     )
     return parser.parse_args(argv)
 
 
 def build_conf(arguments: argparse.Namespace) -> dict:
-    conf = json.loads(arguments.conf)
+    try:
+        conf = json.loads(arguments.conf or "{}")
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"CONF is not valid JSON ({error}): {arguments.conf!r}") from error
     if not isinstance(conf, dict):
-        raise SystemExit(f"--conf must be a JSON object, got {arguments.conf!r}")
-    conf.setdefault("epochs", arguments.epochs)
+        raise SystemExit(f"CONF must be a JSON object, got {arguments.conf!r}")
+    if arguments.epochs is not None:
+        conf["epochs"] = arguments.epochs
     for key, value in (("train_csv", arguments.train_csv), ("test_csv", arguments.test_csv)):
         if value:
-            conf.setdefault(key, str(Path(value).expanduser().resolve()))
+            path = Path(value).expanduser().resolve()
+            if not path.is_file():
+                raise SystemExit(f"{key.upper()} {value} does not exist")
+            conf[key] = str(path)
     return conf
 
 
-def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    conf = build_conf(arguments)
-    airflow = Path(sys.executable).with_name("airflow")
-    command = [str(airflow), "dags", "test", DAG_ID, "--conf", json.dumps(conf)]
-    print(f"Running DAG {DAG_ID} with conf {json.dumps(conf)}", flush=True)
-    started = time.monotonic()
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=os.environ.copy(), check=False)
-    minutes = (time.monotonic() - started) / 60
-    summary_path = Path(os.environ.get("FER_OUTPUT_DIR", PROJECT_ROOT / "output")) / "latest" / "summary.json"
-    if result.returncode != 0 or not summary_path.is_file():
-        print(f"\nThe DAG run failed after {minutes:.1f} min; the task logs above say why.", file=sys.stderr)
-        return result.returncode or 1
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def airflow_environment(port: int) -> dict[str, str]:
+    """Return the environment shared by the api-server and the DAG run."""
+    home = Path(os.environ.get("AIRFLOW_HOME", PROJECT_ROOT / ".airflow"))
+    secret_file = home / "jwt_secret"
+    if not secret_file.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        secret_file.write_text(secrets.token_urlsafe(32))
+        secret_file.chmod(0o600)
+    return {
+        # TensorFlow's C++ start-up notices would land in task logs as stderr "errors".
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": os.environ.get("AIRFLOW__CORE__PARALLELISM", "4"),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip(),
+    }
+
+
+def start_api_server(environment: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it stops
+    server = subprocess.Popen(
+        [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)],
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + API_START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the Airflow api-server exited with {server.returncode}; see {log_path}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/version", timeout=2)
+            return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1)
+    stop(server)
+    raise SystemExit(f"the Airflow api-server did not answer within {API_START_TIMEOUT_SECONDS} s; see {log_path}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop the api-server and the workers it started (its own process group)."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def print_summary(summary_path: Path, minutes: float) -> None:
     summary = json.loads(summary_path.read_text())
     output_dir = summary_path.parent.resolve()
     print(f"\nDAG run {summary['dag_run_id']} succeeded in {minutes:.1f} min.")
@@ -66,8 +137,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Outputs:    {output_dir}  (also output/latest)")
     print(f"Submission: {output_dir / 'submission.csv'}")
     print(f"Report:     {output_dir / 'report.html'}")
-    print("Open the Airflow and MLflow UIs on 127.0.0.1 with `make ui`:")
+    print("Open the Airflow and MLflow UIs, on 127.0.0.1 only, with `make ui`:")
     print("  Airflow http://127.0.0.1:8080   MLflow http://127.0.0.1:5000")
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    conf = build_conf(arguments)
+    port = arguments.api_port or free_port()
+    environment = airflow_environment(port)
+    output_root = Path(os.environ.get("FER_OUTPUT_DIR", PROJECT_ROOT / "output"))
+    log_path = Path(environment["AIRFLOW_HOME"]) / "api-server.log"
+
+    print(f"Starting the Airflow api-server on 127.0.0.1:{port} (log: {log_path})", flush=True)
+    server = start_api_server(environment, port, log_path)
+    started = time.monotonic()
+    try:
+        print(f"Running DAG {DAG_ID} with conf {json.dumps(conf)}", flush=True)
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        result = subprocess.run(
+            [airflow, "dags", "test", DAG_ID, "--use-executor", "--conf", json.dumps(conf)],
+            cwd=PROJECT_ROOT,
+            env=environment,
+            check=False,
+        )
+    finally:
+        stop(server)
+    minutes = (time.monotonic() - started) / 60
+    summary_path = output_root / "latest" / "summary.json"
+    latest_is_this_run = result.returncode == 0 and summary_path.is_file()
+    if not latest_is_this_run:
+        print(f"\nThe DAG run failed after {minutes:.1f} min; the task logs above say why.", file=sys.stderr)
+        return result.returncode or 1
+    print_summary(summary_path, minutes)
     return 0
 
 

@@ -1,5 +1,7 @@
-"""End to end: real DAG runs through `airflow dags test` against a temporary MLflow store.
+"""End to end: real DAG runs, as `make run` starts them, against a temporary MLflow store.
 
+`scripts/run_dag.py` starts an Airflow api-server on 127.0.0.1 and runs the DAG
+under the LocalExecutor, so the training tasks run as parallel task processes.
 Each run uses its own Airflow home (a migrated SQLite metadata database), MLflow
 store, cache and output folder under pytest's temporary directory.
 """
@@ -9,8 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -60,7 +64,7 @@ def _environment(airflow_home: Path, workspace: Path) -> dict[str, str]:
 
 def run_dag(airflow_home: Path, workspace: Path, conf: dict) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), "dags", "test", "fer_pipeline", "--conf", json.dumps(conf)],
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "run_dag.py"), "--conf", json.dumps(conf)],
         env=_environment(airflow_home, workspace),
         capture_output=True,
         text=True,
@@ -133,6 +137,17 @@ def check_mlflow(workspace: Path) -> None:
     assert "report/report.html" in parent_artifacts
 
 
+def training_intervals(airflow_home: Path) -> dict[str, tuple[datetime, datetime]]:
+    """Return the start and end of each training task of the latest DAG run."""
+    with sqlite3.connect(airflow_home / "airflow.db") as connection:
+        rows = connection.execute(
+            "SELECT task_id, start_date, end_date FROM task_instance "
+            "WHERE task_id LIKE 'train_%' AND run_id = "
+            "(SELECT run_id FROM dag_run ORDER BY id DESC LIMIT 1)"
+        ).fetchall()
+    return {task: (datetime.fromisoformat(start), datetime.fromisoformat(end)) for task, start, end in rows}
+
+
 def test_dag_run_on_builtin_data(airflow_home, tmp_path):
     conf = {**QUICK_PARAMS, "builtin_rows": 420, "builtin_test_rows": 70}
     result = run_dag(airflow_home, tmp_path, conf)
@@ -140,6 +155,12 @@ def test_dag_run_on_builtin_data(airflow_home, tmp_path):
     summary = check_outputs(tmp_path, list(range(70)))
     assert set(summary["models"]) == set(MODELS)
     check_mlflow(tmp_path)
+
+    intervals = training_intervals(airflow_home)
+    assert set(intervals) == {f"train_{model}" for model in MODELS}
+    latest_start = max(start for start, _ in intervals.values())
+    earliest_end = min(end for _, end in intervals.values())
+    assert latest_start < earliest_end, f"training tasks did not overlap: {intervals}"
 
 
 def test_dag_run_on_sample_files(airflow_home, tmp_path, fer_data_dir):
