@@ -20,6 +20,7 @@ from sklearn import metrics
 from fer_tasks import tracking
 from fer_tasks.config import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, PipelineConfig
 from fer_tasks.datasets import load_splits
+from fer_tasks.models import to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = 256)
     if len(images) == 0:
         return np.empty((0, NUM_CLASSES), dtype=np.float32)
 
-    # (n, 48, 48) uint8 -> (n, 48, 48, 1) float32 in [0, 1]
-    inputs = (images.astype(np.float32) / 255.0)[..., np.newaxis]
-    probabilities = np.asarray(model.predict(inputs, batch_size=batch_size, verbose=0))
+    probabilities = np.asarray(
+        model.predict(to_model_input(images), batch_size=batch_size, verbose=0)
+    )
     if probabilities.shape != (len(images), NUM_CLASSES):
         raise ValueError(
             f"model output must have shape ({len(images)}, {NUM_CLASSES}), "

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from fer_tasks import tracking
 from fer_tasks.config import CLASS_NAMES, CNN_MODEL_NAMES, IMAGE_SIZE, PipelineConfig
 from fer_tasks.datasets import load_splits
-from fer_tasks.models import conv_layer_names
+from fer_tasks.models import conv_layer_names, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +35,6 @@ BATCH_SIZE = 64
 
 # Dtype names that a float32 copy replaces with "float32".
 REDUCED_PRECISION_DTYPES = frozenset({"float16", "bfloat16", "mixed_float16", "mixed_bfloat16"})
-
-
-def to_model_input(images: np.ndarray) -> np.ndarray:
-    """Scale uint8 images (k, 48, 48) to the model's float32 input (k, 48, 48, 1) in [0, 1]."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(
-            f"images must be uint8 of shape (k, {IMAGE_SIZE}, {IMAGE_SIZE}), "
-            f"got {images.dtype} of shape {images.shape}"
-        )
-    return (images.astype(np.float32) / 255.0)[..., np.newaxis]
 
 
 def float32_copy(model: keras.Model) -> keras.Model:

@@ -9,6 +9,7 @@ architecture rather than capacity.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 from fer_tasks.config import IMAGE_SIZE, MODEL_NAMES, NUM_CLASSES
@@ -71,3 +72,14 @@ def build_model(model_name: str) -> keras.Model:
 def conv_layer_names(model: keras.Model) -> list[str]:
     """Return the names of the model's Conv2D layers, input side first."""
     return [layer.name for layer in model.layers if isinstance(layer, layers.Conv2D)]
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """Scale uint8 images (k, 48, 48) to the model's float32 input (k, 48, 48, 1) in [0, 1]."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(
+            f"images must be uint8 of shape (k, {IMAGE_SIZE}, {IMAGE_SIZE}), "
+            f"got {images.dtype} of shape {images.shape}"
+        )
+    return (images.astype(np.float32) / 255.0)[..., np.newaxis]

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from fer_tasks import tracking
-from fer_tasks.config import IMAGE_SIZE, PipelineConfig
+from fer_tasks.config import PipelineConfig
 from fer_tasks.datasets import Splits, load_splits
+from fer_tasks.models import to_model_input
 from fer_tasks.tracking import RunContext
 
 logger = logging.getLogger(__name__)
@@ -100,11 +101,6 @@ def make_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def scale_images(images: np.ndarray) -> np.ndarray:
-    """Scale uint8 (n, 48, 48) images to float32 (n, 48, 48, 1) in [0, 1]."""
-    return (images.astype(np.float32) / 255.0).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)
-
-
 class EpochLogger:
     """Build a Keras callback that logs each epoch to MLflow and to the task log."""
 
@@ -177,6 +173,7 @@ def fit_model(model_name: str, splits: Splits, config: PipelineConfig) -> tuple[
         validation_data=validation,
         epochs=config.epochs,
         callbacks=[epoch_logger, stopping],
+        shuffle=False,  # the dataset shuffles itself each epoch
         verbose=0,
     )
     seconds = time.perf_counter() - started
@@ -271,7 +268,7 @@ def train_model(
         tracking.log_text(summary_text, tracking.SUMMARY_ARTIFACT)
         tracking.log_json(architecture, tracking.ARCHITECTURE_ARTIFACT)
         tracking.log_json(fit, tracking.HISTORY_ARTIFACT)
-        model_uri = tracking.log_keras_model(model, scale_images(splits.validation_images[:4]))
+        model_uri = tracking.log_keras_model(model, to_model_input(splits.validation_images[:4]))
     logger.info(
         "Trained %s: val_accuracy %.4f after %d epochs (best epoch %d, %.1f s per epoch)",
         model_name,

@@ -18,9 +18,8 @@ from fer_tasks.explanation import (
     plot_layer_outputs,
     plot_saliency,
     saliency_maps,
-    to_model_input,
 )
-from fer_tasks.models import build_cnn, build_dnn
+from fer_tasks.models import build_cnn, build_dnn, to_model_input
 from fer_tasks.synthetic import generate_faces
 
 
