@@ -153,7 +153,12 @@ def child_run(parent: dict, context: RunContext, model_name: str) -> Iterator[st
     when the block exits cleanly and FAILED when it raises.
     """
     client()
-    key = {TAG_DAG_ID: context.dag_id, TAG_DAG_RUN_ID: context.dag_run_id, TAG_TASK_ID: context.task_id}
+    key = {
+        TAG_DAG_ID: context.dag_id,
+        TAG_DAG_RUN_ID: context.dag_run_id,
+        TAG_TASK_ID: context.task_id,
+        TAG_ROLE: "model",
+    }
     for stale in find_runs(parent["experiment_id"], key):
         client().delete_run(stale.info.run_id)
         logger.warning(
