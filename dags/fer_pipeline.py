@@ -155,9 +155,16 @@ def fer_pipeline():
     @task
     def validate_data() -> dict:
         """Parse and validate the input files; fail before training on bad input."""
+        from airflow.sdk.exceptions import AirflowFailException
+
         from fer_tasks.datasets import load_splits, summarize
 
-        return summarize(load_splits(_config()))
+        try:
+            return summarize(load_splits(_config()))
+        except (ValueError, FileNotFoundError) as error:
+            # Invalid files and settings (fer_tasks.data.DataError is a ValueError)
+            # stay invalid on a retry, so the run fails at once.
+            raise AirflowFailException(f"invalid input, nothing was trained: {error}") from None
 
     @task
     def start_tracking(data_summary: dict) -> dict:
@@ -166,7 +173,15 @@ def fer_pipeline():
 
         config = _config()
         return start_pipeline_run(
-            config.experiment_name, _run_context(), {**config.to_dict(), "data_sha256": data_summary["sha256"]}
+            config.experiment_name,
+            _run_context(),
+            {**config.to_dict(), "data_sha256": data_summary["sha256"]},
+            metrics={
+                "parse_seconds": data_summary["parse_seconds"],
+                "train_rows": data_summary["train_rows"],
+                "validation_rows": data_summary["validation_rows"],
+                "test_rows": data_summary["test_rows"],
+            },
         )
 
     def train(model_name: str):

@@ -93,7 +93,12 @@ def find_runs(experiment_id: str, tags: dict[str, str]) -> list[Any]:
     )
 
 
-def start_pipeline_run(experiment_name: str, context: RunContext, params: dict[str, Any]) -> dict:
+def start_pipeline_run(
+    experiment_name: str,
+    context: RunContext,
+    params: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+) -> dict:
     """Create (or on a retry, reuse) the parent run of one DAG run.
 
     Returns `{"experiment_id", "parent_run_id"}`. The parent stays RUNNING until
@@ -116,6 +121,8 @@ def start_pipeline_run(experiment_name: str, context: RunContext, params: dict[s
         run_id = run.info.run_id
         for name, value in sorted(params.items()):
             tracking.log_param(run_id, name, _param_value(value))
+        for name, value in sorted((metrics or {}).items()):
+            tracking.log_metric(run_id, name, float(value))
         logger.info("Created MLflow parent run %s for DAG run %s", run_id, context.dag_run_id)
     return {"experiment_id": experiment_id, "parent_run_id": run_id}
 

@@ -172,3 +172,21 @@ def test_dag_run_on_sample_files(airflow_home, tmp_path, fer_data_dir):
         expected_ids = [int(row["id"]) for row in csv.DictReader(handle)]
     check_outputs(tmp_path, expected_ids)
     check_mlflow(tmp_path)
+
+
+def test_dag_run_rejects_bad_input_before_training(airflow_home, tmp_path):
+    bad_train = tmp_path / "train.csv"
+    pixels = " ".join(["128"] * 2304)
+    bad_train.write_text(f"label,feature\n3,{pixels}\n9,{pixels}\n")
+    test_file = tmp_path / "test.csv"
+    test_file.write_text(f"id,feature\n0,{pixels}\n")
+    result = run_dag(airflow_home, tmp_path, {**QUICK_PARAMS, "train_csv": str(bad_train), "test_csv": str(test_file)})
+    log = (tmp_path / "dag-test.log").read_text()
+
+    assert result.returncode != 0
+    assert "train.csv line 3" in log
+    assert "'9'" in log
+    assert "Training cnn" not in log
+    output = tmp_path / "output"
+    assert not (output / "latest").exists()
+    assert not any(output.glob("*/submission.csv"))
