@@ -26,7 +26,7 @@ TRAIN_CSV ?=
 TEST_CSV ?=
 EPOCHS ?= 12
 CONF ?= {}
-MLFLOW_PORT ?= 5000
+export MLFLOW_PORT ?= 5000
 
 .PHONY: install run test test-fast bench ui clean
 
@@ -56,10 +56,12 @@ test-fast: install
 ui: install $(AIRFLOW_HOME)/airflow.db
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "Airflow UI: http://127.0.0.1:$(AIRFLOW__API__PORT)  (press Ctrl-C to stop both)"
-	trap 'kill 0' EXIT; \
-	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	@$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri "$(MLFLOW_TRACKING_URI)" --default-artifact-root "$(FER_ARTIFACT_ROOT)" & \
+	mlflow_pid=$$!; \
 	$(BIN)/airflow api-server --host 127.0.0.1 --port $(AIRFLOW__API__PORT) & \
+	airflow_pid=$$!; \
+	trap 'kill $$mlflow_pid $$airflow_pid 2>/dev/null; wait' INT TERM EXIT; \
 	wait
 
 clean:

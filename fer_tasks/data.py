@@ -70,7 +70,8 @@ PARSER_VERSION = 1
 
 USAGE_VALUES = ("Training", "PublicTest", "PrivateTest")
 MAX_SHOWN_CHARS = 40
-ROW_HINT = "Fix or remove the row, or set skip_bad_rows to skip invalid rows."
+SKIP_HINT = "To skip invalid rows, set the skip_bad_rows param (--skip-bad-rows on the command line)."
+ROW_HINT = "Fix or remove the row. " + SKIP_HINT
 
 GZIP_MAGIC = b"\x1f\x8b"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -866,8 +867,7 @@ def _reject_duplicate_ids(path: str, rows: _Rows) -> _Rows:
         rows.errors.append(DataError(
             path, int(rows.lines[index]), str(value),
             f"id '{value}' is already used on line {first_line}",
-            "Give every test row a unique id, remove the repeated row, "
-            "or set skip_bad_rows to skip invalid rows.",
+            "Give every test row a unique id or remove the repeated row. " + SKIP_HINT,
         ))
     rows.errors.sort(key=lambda error: error.line)
     return _Rows(

@@ -92,6 +92,8 @@ TEXT: dict[str, dict[str, str]] = {
     "data_validation_mode": {"en": "Validation split", "zh-TW": "驗證集切分方式"},
     "data_parse_seconds": {"en": "CSV parse time (s)", "zh-TW": "CSV 解析時間（秒）"},
     "data_skipped_rows": {"en": "Skipped invalid rows", "zh-TW": "略過的無效列數"},
+    "data_labelled_tests": {"en": "Labelled test rows", "zh-TW": "有標籤的測試列數"},
+    "data_sha256": {"en": "Training file SHA-256", "zh-TW": "訓練檔 SHA-256"},
     "class_counts_heading": {"en": "Images per class", "zh-TW": "各類別影像數"},
     "class_header": {"en": "Class", "zh-TW": "類別"},
     "images_header": {"en": "Images", "zh-TW": "影像數"},
@@ -203,6 +205,8 @@ DATA_LABELS = {
     "validation_mode": "data_validation_mode",
     "parse_seconds": "data_parse_seconds",
     "skipped_rows": "data_skipped_rows",
+    "labelled_tests": "data_labelled_tests",
+    "sha256": "data_sha256",
 }
 
 

@@ -56,13 +56,36 @@ def build_conf(arguments: argparse.Namespace) -> dict:
         raise SystemExit(f"CONF must be a JSON object, got {arguments.conf!r}")
     if arguments.epochs is not None:
         conf["epochs"] = arguments.epochs
+    missing = []
     for key, value in (("train_csv", arguments.train_csv), ("test_csv", arguments.test_csv)):
         if value:
             path = Path(value).expanduser().resolve()
             if not path.is_file():
-                raise SystemExit(f"{key.upper()} {value} does not exist")
+                missing.append(f"{key.upper()} {value}")
             conf[key] = str(path)
+    if missing:
+        raise SystemExit(f"input file not found: {', '.join(missing)}")
     return conf
+
+
+def validate_conf(conf: dict) -> None:
+    """Check `conf` against the DAG's params, as the trigger form does, before anything starts."""
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    sys.path.insert(0, str(PROJECT_ROOT / "dags"))
+    from fer_pipeline import PARAMS
+
+    unknown = sorted(set(conf) - set(PARAMS))
+    if unknown:
+        raise SystemExit(f"unknown param(s) {unknown} in CONF; known params: {sorted(PARAMS)}")
+    params = ParamsDict(PARAMS)
+    try:
+        params.update(conf)
+        params.validate()
+    except ParamValidationError as error:
+        first_line = str(error).splitlines()[0]
+        raise SystemExit(f"invalid CONF: {first_line}") from None
 
 
 def free_port() -> int:
@@ -159,13 +182,16 @@ def print_summary(summary_path: Path, minutes: float) -> None:
     print(f"Outputs:    {output_dir}  (also output/latest)")
     print(f"Submission: {output_dir / 'submission.csv'}")
     print(f"Report:     {output_dir / 'report.html'}")
+    airflow_port = os.environ.get("AIRFLOW__API__PORT", "8080")
+    mlflow_port = os.environ.get("MLFLOW_PORT", "5000")
     print("Open the Airflow and MLflow UIs, on 127.0.0.1 only, with `make ui`:")
-    print("  Airflow http://127.0.0.1:8080   MLflow http://127.0.0.1:5000")
+    print(f"  Airflow http://127.0.0.1:{airflow_port}   MLflow http://127.0.0.1:{mlflow_port}")
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     conf = build_conf(arguments)
+    validate_conf(conf)
     port = arguments.api_port or free_port()
     environment = airflow_environment(port)
     output_root = Path(os.environ.get("FER_OUTPUT_DIR", PROJECT_ROOT / "output"))
