@@ -20,6 +20,7 @@ export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS ?= True
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export FER_ARTIFACT_ROOT ?= file://$(CURDIR)/mlartifacts
 export PYTHONUNBUFFERED := 1
+export FER_MLFLOW_UI_URL ?= http://127.0.0.1:$(MLFLOW_PORT)
 
 # `make run` settings: empty paths select the built-in synthetic data.
 TRAIN_CSV ?=

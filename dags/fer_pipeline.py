@@ -13,11 +13,17 @@ Train, compare and explain three facial-expression classifiers on FER2013
 4. **evaluate_models**, **compute_saliency** and **visualize_filters** load the
    trained models from MLflow: accuracy, per-class metrics, confusion matrices,
    saliency maps, gradient-ascent filter patterns and layer outputs.
-5. **write_report** writes the Kaggle submission (`id,label`) from the model with
-   the best validation accuracy, one submission per model, and an HTML and
-   Markdown comparison report under `output/<dag run id>/`.
+5. **register_model** registers the best model by validation accuracy in the MLflow
+   Model Registry and moves the `champion` alias to it only if it beats the current
+   champion on the same validation images.
+6. **write_report** writes the Kaggle submission (`id,label`) from that model, one
+   submission per model, and an HTML and Markdown comparison report under
+   `output/<dag run id>/`.
 
 Leave `train_csv` and `test_csv` empty to use the built-in synthetic data set.
+The DAG runs on the `FER_SCHEDULE` cron schedule (weekly by default) and whenever
+the `fer_training_data` Asset is updated. A run whose data, settings and code match
+the last successful run skips training, unless `force_retrain` is set.
 """
 
 from __future__ import annotations
@@ -25,9 +31,16 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from fer_tasks.config import CNN_CONV_LAYERS, DEFAULTS, MODEL_NAMES, REPORT_LANGUAGES
+from fer_tasks.config import (
+    CNN_CONV_LAYERS,
+    DEFAULTS,
+    MODEL_NAMES,
+    REPORT_LANGUAGES,
+    retraining_schedule,
+    training_data_uri,
+)
 
 # The heavy libraries (TensorFlow, Keras, MLflow) are imported inside the task
 # bodies through fer_tasks stage modules, never at parse time: the scheduler parses
@@ -113,9 +126,28 @@ PARAMS = {
                                  description="List class pairs whose row-normalised confusion rate reaches this."),
     "experiment_name": Param(DEFAULTS.experiment_name, type="string", minLength=1, maxLength=200,
                              title="MLflow experiment", description="Experiment that holds this run."),
+    "registered_model_name": Param(DEFAULTS.registered_model_name, type="string", minLength=1, maxLength=200,
+                                   title="Registered model",
+                                   description="MLflow Model Registry name; the best model of each run becomes "
+                                               "a new version, promoted to the champion alias only if better."),
+    "force_retrain": Param(DEFAULTS.force_retrain, type="boolean", title="Force retraining",
+                           description="Train even when the data, settings and code match the last successful run."),
     "report_language": Param(DEFAULTS.report_language, type="string", enum=list(REPORT_LANGUAGES),
                              title="Report language", description="en (English) or zh-TW (Traditional Chinese)."),
 }
+
+
+TRAINING_POOL = "training"
+
+# The training file as an Airflow Asset: fer_training_data_watch marks it updated
+# when the file changes, which triggers a run here between scheduled ones.
+TRAINING_DATA = Asset(name="fer_training_data", uri=training_data_uri())
+CRON = retraining_schedule()
+SCHEDULE = (
+    AssetOrTimeSchedule(timetable=CronTriggerTimetable(CRON, timezone="UTC"), assets=TRAINING_DATA)
+    if CRON
+    else [TRAINING_DATA]
+)
 
 
 def _config():
@@ -131,6 +163,16 @@ def _run_context():
     return RunContext(dag_id=ti.dag_id, dag_run_id=ti.run_id, task_id=ti.task_id, try_number=ti.try_number)
 
 
+def _trained_runs(trained: list[dict | None]) -> list[dict]:
+    """Return the results of the training tasks that ran; skip the task when none did."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    runs = [run for run in trained if run]
+    if not runs:
+        raise AirflowSkipException("no model was trained in this DAG run")
+    return runs
+
+
 def _close_parent_run(context) -> None:
     """Mark the run's MLflow parent run and output folder as failed."""
     from fer_tasks.report import mark_run_failed
@@ -142,7 +184,7 @@ def _close_parent_run(context) -> None:
 @dag(
     dag_id=Path(__file__).stem,
     doc_md=__doc__,
-    schedule=None,
+    schedule=SCHEDULE,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -168,14 +210,27 @@ def fer_pipeline():
 
     @task
     def start_tracking(data_summary: dict) -> dict:
-        """Create the MLflow experiment and the parent run of this DAG run."""
-        from fer_tasks.tracking import start_pipeline_run
+        """Create the MLflow parent run, or decide to skip training when nothing changed."""
+        import logging
+
+        from fer_tasks.registry import find_unchanged_run, training_fingerprint
+        from fer_tasks.tracking import TAG_FINGERPRINT, start_pipeline_run
 
         config = _config()
+        unchanged = find_unchanged_run(config, data_summary["sha256"])
+        if unchanged and not config.force_retrain:
+            logging.getLogger(__name__).info(
+                "Skipping training: data, settings and code match the successful DAG run %s "
+                "(MLflow run %s). Set force_retrain to train anyway.",
+                unchanged["dag_run_id"],
+                unchanged["parent_run_id"],
+            )
+            return {"skip_training": True, **unchanged}
         return start_pipeline_run(
             config.experiment_name,
             _run_context(),
             {**config.to_dict(), "data_sha256": data_summary["sha256"]},
+            tags={TAG_FINGERPRINT: training_fingerprint(config, data_sha256=data_summary["sha256"])},
             metrics={
                 "parse_seconds": data_summary["parse_seconds"],
                 "train_rows": data_summary["train_rows"],
@@ -185,7 +240,8 @@ def fer_pipeline():
         )
 
     def train(model_name: str):
-        @task(task_id=f"train_{model_name}")
+        # The training pool caps how many trainings share the workers' cores.
+        @task(task_id=f"train_{model_name}", pool=TRAINING_POOL)
         def train_one(parent: dict) -> dict:
             """Train one model in its own MLflow run; return its run id, model URI and metrics."""
             from airflow.sdk.exceptions import AirflowSkipException
@@ -193,6 +249,8 @@ def fer_pipeline():
             from fer_tasks.training import train_model
 
             config = _config()
+            if parent.get("skip_training"):
+                raise AirflowSkipException(f"unchanged since DAG run {parent['dag_run_id']}; not retraining")
             if model_name not in config.models:
                 raise AirflowSkipException(f"{model_name} is not in the models param")
             return train_model(config, model_name, parent, _run_context())
@@ -204,32 +262,47 @@ def fer_pipeline():
         """Validation and test accuracy, per-class metrics and confusion matrices per model."""
         from fer_tasks.evaluation import evaluate_trained_models
 
-        return evaluate_trained_models(_config(), [run for run in trained if run])
+        return evaluate_trained_models(_config(), _trained_runs(trained))
 
     @task(trigger_rule="none_failed_min_one_success")
     def compute_saliency(trained: list[dict | None]) -> dict:
         """Saliency maps of the chosen validation images for each CNN."""
         from fer_tasks.explanation import explain_with_saliency
 
-        return explain_with_saliency(_config(), [run for run in trained if run])
+        return explain_with_saliency(_config(), _trained_runs(trained))
 
     @task(trigger_rule="none_failed_min_one_success")
     def visualize_filters(trained: list[dict | None]) -> dict:
         """Gradient-ascent filter patterns and layer outputs for each CNN."""
         from fer_tasks.explanation import explain_filters
 
-        return explain_filters(_config(), [run for run in trained if run])
+        return explain_filters(_config(), _trained_runs(trained))
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def register_model(data_summary: dict, trained: list[dict | None], evaluation: dict) -> dict:
+        """Register the best model; move the champion alias to it only if it beats the champion."""
+        from fer_tasks.registry import choose_best_run, register_and_promote, report_section
+
+        best = choose_best_run(_trained_runs(trained), evaluation)
+        decision = register_and_promote(_config(), best, data_summary["sha256"], _run_context().dag_run_id)
+        return {**decision, "report_section": report_section(decision)}
 
     @task(trigger_rule="none_failed_min_one_success")
     def write_report(
-        data_summary: dict, parent: dict, trained: list[dict | None], evaluation: dict, saliency: dict, filters: dict
+        data_summary: dict,
+        parent: dict,
+        trained: list[dict | None],
+        evaluation: dict,
+        saliency: dict,
+        filters: dict,
+        registry: dict,
     ) -> dict:
         """Write the Kaggle submissions and the comparison report; close the parent run."""
         from fer_tasks.report import publish
 
         return publish(
-            _config(), _run_context(), data_summary, parent, [run for run in trained if run],
-            evaluation, {**saliency, **filters},
+            _config(), _run_context(), data_summary, parent, _trained_runs(trained),
+            evaluation, {**saliency, **filters}, registry,
         )
 
     data_summary = validate_data()
@@ -238,7 +311,8 @@ def fer_pipeline():
     evaluation = evaluate_models(trained_runs)
     saliency = compute_saliency(trained_runs)
     filters = visualize_filters(trained_runs)
-    write_report(data_summary, parent, trained_runs, evaluation, saliency, filters)
+    registry = register_model(data_summary, trained_runs, evaluation)
+    write_report(data_summary, parent, trained_runs, evaluation, saliency, filters, registry)
 
 
 fer_pipeline()

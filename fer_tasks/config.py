@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,18 @@ def cache_dir() -> Path:
     return _env_path("FER_CACHE_DIR", PROJECT_ROOT / ".cache" / "fer_tasks")
 
 
+def retraining_schedule() -> str | None:
+    """Cron expression or preset of the retraining schedule (`FER_SCHEDULE`, "none" to turn off)."""
+    value = os.environ.get("FER_SCHEDULE", "@weekly").strip()
+    return None if value.lower() in ("", "none") else value
+
+
+def training_data_uri() -> str:
+    """URI of the Airflow Asset for the training file: `FER_TRAIN_CSV`, else the built-in data."""
+    path = os.environ.get("FER_TRAIN_CSV") or str(builtin_data_dir() / "train.csv")
+    return Path(path).expanduser().resolve().as_uri()
+
+
 def tracking_uri() -> str:
     """MLflow tracking URI: `MLFLOW_TRACKING_URI`, else a SQLite store in the project."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
@@ -64,8 +76,10 @@ def artifact_root() -> str:
 class PipelineConfig:
     """All settings of one pipeline run. Empty data paths select the built-in data."""
 
-    train_csv: str = ""
-    test_csv: str = ""
+    # Defaults from FER_TRAIN_CSV and FER_TEST_CSV, so scheduled runs train on
+    # the configured files without a trigger form.
+    train_csv: str = field(default_factory=lambda: os.environ.get("FER_TRAIN_CSV", ""))
+    test_csv: str = field(default_factory=lambda: os.environ.get("FER_TEST_CSV", ""))
     skip_bad_rows: bool = False
     models: tuple[str, ...] = MODEL_NAMES
     epochs: int = 30
@@ -87,6 +101,8 @@ class PipelineConfig:
     activation_images: tuple[int, ...] = (0, 1)
     confusion_threshold: float = 0.15
     experiment_name: str = "fer2013"
+    registered_model_name: str = "fer2013-classifier"
+    force_retrain: bool = False
     report_language: ReportLanguage = "en"
 
     def __post_init__(self) -> None:

@@ -1188,6 +1188,7 @@ def publish(
     trained: list[dict],
     evaluation: dict,
     explanations: dict,
+    registry: dict | None = None,
 ) -> dict:
     """Write the submissions and the report to `output/<dag run id>/`, log them, close the parent run.
 
@@ -1200,7 +1201,7 @@ def publish(
     with tempfile.TemporaryDirectory(prefix="fer-report-") as workdir_name:
         workdir = Path(workdir_name)
         models = [_model_summary(run) for run in trained]
-        best = choose_best_model(models)
+        best = registry["model"] if registry else choose_best_model(models)
         for run in trained:
             local = tracking.download(run["run_id"], tracking.PREDICTIONS_ARTIFACT, workdir / run["run_id"])
             frame = pd.read_csv(local)
@@ -1220,6 +1221,7 @@ def publish(
         best_model=best,
         submission_file=SUBMISSION_FILE,
         figures=figures,
+        extra_sections=[tuple(registry["report_section"])] if registry else [],
     )
     paths = write_report(report, output_dir, language=config.report_language)
     summary = {
@@ -1231,6 +1233,7 @@ def publish(
                                  "epochs": model.epochs_run, "seconds_per_epoch": model.seconds_per_epoch}
                    for model in models},
         "data": data_summary,
+        "submission_model": _submission_model(best, trained, registry),
     }
     files.write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
 
@@ -1247,6 +1250,17 @@ def publish(
         "report_html": str(paths["report.html"]),
         "best_model": best,
     }
+
+
+def _submission_model(best: str, trained: list[dict], registry: dict | None) -> dict:
+    """Describe the model behind submission.csv: its training run and registry version."""
+    run = next(run for run in trained if run["model"] == best)
+    described = {"model": best, "mlflow_run_id": run["run_id"], "model_uri": run["model_uri"]}
+    if registry:
+        described["registered_model"] = registry["registered_model"]
+        described["version"] = registry["version"]
+        described["promoted_to_champion"] = registry["promoted"]
+    return described
 
 
 def mark_run_failed(dag_id: str, dag_run_id: str) -> None:

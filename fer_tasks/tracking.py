@@ -29,6 +29,7 @@ TAG_TASK_ID = "airflow.task_id"
 TAG_TRY_NUMBER = "airflow.try_number"
 TAG_ROLE = "fer.role"
 TAG_MODEL = "fer.model"
+TAG_FINGERPRINT = "fer.training_fingerprint"
 
 # Artifact paths inside each model's run: one stage writes them, a later one reads them.
 HISTORY_ARTIFACT = "history.json"
@@ -98,6 +99,7 @@ def start_pipeline_run(
     context: RunContext,
     params: dict[str, Any],
     metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict:
     """Create (or on a retry, reuse) the parent run of one DAG run.
 
@@ -116,7 +118,7 @@ def start_pipeline_run(
         run = tracking.create_run(
             experiment_id,
             run_name=f"{context.dag_id} {context.dag_run_id}",
-            tags={**context.tags(), TAG_ROLE: "parent"},
+            tags={**context.tags(), **(tags or {}), TAG_ROLE: "parent"},
         )
         run_id = run.info.run_id
         for name, value in sorted(params.items()):
@@ -308,3 +310,25 @@ def metric_history(run_id: str, key: str) -> list[float]:
     history = client().get_metric_history(run_id, key)
     return [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
 
+
+
+def register_model(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register `model_uri` as a new version of `name` (created if needed); return the version."""
+    client()
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    return str(version.version)
+
+
+def get_alias_version(name: str, alias: str) -> str | None:
+    """Return the version that `alias` points at, or None if the alias is not set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+    logger.info("Moved alias %r of registered model %s to version %s", alias, name, version)

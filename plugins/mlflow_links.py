@@ -8,7 +8,8 @@
 The button is a global operator extra link, so the DAG's TaskFlow tasks need no
 change. The api-server resolves it from the XCom return values of `start_tracking`
 (`experiment_id`) and of the training tasks (`run_id`). Other tasks get no URL,
-and the Airflow UI shows no button for them.
+so the Airflow UI shows no button for them, though Airflow 3.3.2 still shows an
+empty "Extra Links" heading there.
 
 The browser opens these URLs, so `FER_MLFLOW_UI_URL` must be the address that the
 browser reaches (http://127.0.0.1:5000 by default), not the tracking URI that the
@@ -62,8 +63,8 @@ def compare_url(base_url: str, run_ids: Iterable[str], experiment_id: str) -> st
 
     The compare page takes JSON lists of run ids and experiment ids in its query.
     """
-    runs = quote(json.dumps(list(run_ids)), safe="")
-    experiments = quote(json.dumps([str(experiment_id)]), safe="")
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")), safe="")
+    experiments = quote(json.dumps([str(experiment_id)], separators=(",", ":")), safe="")
     return f"{base_url}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
@@ -104,7 +105,7 @@ def _run_id(return_value: Any) -> str | None:
 
 
 def _decode(value: Any) -> Any:
-    """Return an XCom value as Python data; the database may hand back JSON text."""
+    """Return an XCom value as Python data. The database may return JSON text."""
     if isinstance(value, bytes | str):
         try:
             return json.loads(value)
@@ -158,8 +159,8 @@ class MLflowLinksPlugin(AirflowPlugin):
 
     name = "mlflow_links"
     global_operator_extra_links = [MLflowRunLink()]
-    # Without a `url_route` the UI opens `href` as a plain link instead of an
-    # iframe; MLflow forbids embedding from other origins (X-Frame-Options).
+    # Without a `url_route` the UI opens `href` as a plain link, not in an iframe,
+    # because `mlflow server` sends X-Frame-Options: SAMEORIGIN by default.
     external_views = [
         {
             "name": "MLflow",

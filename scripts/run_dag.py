@@ -88,6 +88,21 @@ def validate_conf(conf: dict) -> None:
         raise SystemExit(f"invalid CONF: {first_line}") from None
 
 
+def ensure_training_pool(environment: dict[str, str]) -> None:
+    """Create or resize the `training` pool that the DAG's training tasks run in."""
+    slots = os.environ.get("FER_TRAINING_POOL_SLOTS", "3")
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    result = subprocess.run(
+        [airflow, "pools", "set", "training", slots, "FER training tasks"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"could not create the Airflow pool 'training': {result.stderr.strip()[-500:]}")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -197,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     output_root = Path(os.environ.get("FER_OUTPUT_DIR", PROJECT_ROOT / "output"))
     log_path = Path(environment["AIRFLOW_HOME"]) / "api-server.log"
 
+    ensure_training_pool(environment)
     print(f"Starting the Airflow api-server on 127.0.0.1:{port} (log: {log_path})", flush=True)
     server = start_api_server(environment, port, log_path)
     started = time.monotonic()
+    started_at = time.time()
     try:
         print(f"Running DAG {DAG_ID} with conf {json.dumps(conf)}", flush=True)
         airflow = str(Path(sys.executable).with_name("airflow"))
@@ -210,9 +227,18 @@ def main(argv: list[str] | None = None) -> int:
         stop(server)
     minutes = (time.monotonic() - started) / 60
     summary_path = output_root / "latest" / "summary.json"
-    if returncode != 0 or not summary_path.is_file():
+    if returncode != 0:
         print(f"\nThe DAG run failed after {minutes:.1f} min; the task logs above say why.", file=sys.stderr)
-        return returncode or 1
+        return returncode
+    if not summary_path.is_file() or summary_path.stat().st_mtime < started_at:
+        # The run succeeded without writing outputs: start_tracking found that the
+        # data, settings and code match an earlier successful run.
+        print(
+            f"\nThe DAG run succeeded in {minutes:.1f} min without training: nothing changed since "
+            "the last successful run, whose outputs are in output/latest. "
+            "Add CONF='{\"force_retrain\": true}' to train anyway."
+        )
+        return 0
     print_summary(summary_path, minutes)
     return 0
 

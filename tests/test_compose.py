@@ -1,7 +1,7 @@
 """Static checks of the Docker stack: docker-compose.yaml, .env.example and the postgres init script.
 
 No Docker engine is needed. The tests that run `docker-compose config` (or
-`docker compose config`) are skipped when neither command is installed; the rest
+`docker compose config`) are skipped when neither command is installed. The rest
 read the YAML with PyYAML.
 """
 
@@ -31,10 +31,13 @@ AIRFLOW_SERVICES = {
 ALL_SERVICES = AIRFLOW_SERVICES | {"postgres", "redis", "mlflow"}
 PLACEHOLDER = "change-me"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|(^|_)KEY($|_)")
-# ${NAME}, ${NAME:-default} or ${NAME:?message}; `$${...}` is an escaped `$` for the container shell.
+# ${NAME}, ${NAME:-default} or ${NAME:?message}. `$${...}` is not one: it passes `${...}` to the container's shell.
 VARIABLE_REFERENCE = re.compile(r"(?<!\$)\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<operator>:?[-?])(?P<argument>[^}]*))?\}")
 ONLY_REFERENCES = re.compile(rf"^(?:{VARIABLE_REFERENCE.pattern})*$")
 URL_PASSWORD = re.compile(r"://[^/\s:@]+:(?P<password>[^@\s]+)@")
+# A YAML `key: value` line whose key is a plain name.
+YAML_KEY_LINE = re.compile(r"^\s*(?P<key>[A-Za-z_][A-Za-z0-9_]*):\s+(?P<value>\S.*)$")
+VOLUME_ENTRY = re.compile(r"^(?P<source>.+?):(?P<target>/[^:]*)(?::(?P<mode>[a-z,]+))?$")
 
 
 def find_compose_command() -> list[str] | None:
@@ -109,6 +112,23 @@ def resolved_config(tmp_path_factory) -> dict:
     return yaml.safe_load(result.stdout)
 
 
+def is_secret_name(name: str) -> bool:
+    """Return whether a variable contains a secret. A `*_FILE` variable contains a path, not a secret."""
+    return bool(SECRET_NAME.search(name)) and not name.endswith("_FILE")
+
+
+def split_volume(entry: str) -> tuple[str, str]:
+    """Return (source, target) of a short volume entry, whose source may contain ${NAME:-default}."""
+    match = VOLUME_ENTRY.match(entry)
+    assert match, f"unexpected volume entry {entry!r}"
+    return match["source"], match["target"]
+
+
+def mounts(volumes: list[str]) -> dict[str, str]:
+    """Map each mount target to its source."""
+    return {target: source for source, target in map(split_volume, volumes)}
+
+
 def published_ports(service: dict) -> list:
     return service.get("ports", [])
 
@@ -117,7 +137,7 @@ def port_host_ip(port) -> str:
     """Return the host address of a short ("IP:HOST:CONTAINER") or long (mapping) port entry."""
     if isinstance(port, dict):
         return str(port.get("host_ip", ""))
-    parts = str(port).split(":")
+    parts = VARIABLE_REFERENCE.sub("VARIABLE", str(port)).split(":")
     return parts[0] if len(parts) == 3 else ""
 
 
@@ -167,7 +187,7 @@ def test_every_airflow_service_mounts_shared_volumes(compose, services):
 
 
 def test_shared_volumes_mount_project_folders(compose):
-    targets = {entry.split(":")[1]: entry.split(":")[0] for entry in compose["x-airflow-common"]["volumes"]}
+    targets = mounts(compose["x-airflow-common"]["volumes"])
     assert targets["/opt/airflow/dags"] == "./dags"
     assert targets["/opt/airflow/plugins"] == "./plugins"
     assert "FER_HOST_DATA_DIR" in targets["/opt/airflow/data"]
@@ -176,7 +196,7 @@ def test_shared_volumes_mount_project_folders(compose):
 
 def test_fer_folders_are_on_mounted_volumes(compose):
     environment = compose["x-airflow-common"]["environment"]
-    mount_points = [Path(entry.split(":")[1]) for entry in compose["x-airflow-common"]["volumes"]]
+    mount_points = [Path(target) for target in mounts(compose["x-airflow-common"]["volumes"])]
     for key in ("FER_OUTPUT_DIR", "FER_CACHE_DIR", "FER_BUILTIN_DATA_DIR"):
         folder = Path(environment[key])
         assert any(folder == mount or mount in folder.parents for mount in mount_points), key
@@ -194,8 +214,7 @@ def test_mlflow_serves_artifacts_from_named_volume(compose, services):
     command = services["mlflow"]["command"]
     destination = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--artifacts-destination="))
     assert "--serve-artifacts" in command
-    volumes = {entry.split(":")[1]: entry.split(":")[0] for entry in services["mlflow"]["volumes"]}
-    assert volumes[destination] in compose["volumes"]
+    assert mounts(services["mlflow"]["volumes"])[destination] in compose["volumes"]
 
 
 def test_mlflow_uses_postgres_backend(services):
@@ -254,7 +273,7 @@ def test_no_password_literal_in_environment(compose, services):
     for block_name, block in blocks.items():
         for key, value in (block.get("environment") or {}).items():
             text = "" if value is None else str(value)
-            if SECRET_NAME.search(key):
+            if is_secret_name(key):
                 assert ONLY_REFERENCES.match(text), f"{block_name}: {key} holds a literal value"
             for match in URL_PASSWORD.finditer(text):
                 assert ONLY_REFERENCES.match(match["password"]), f"{block_name}: {key} has a password in its URL"
@@ -265,15 +284,15 @@ def test_no_password_literal_in_compose_text():
     for match in URL_PASSWORD.finditer(text):
         assert ONLY_REFERENCES.match(match["password"]), match.group(0)
     for line in text.splitlines():
-        key, separator, value = line.strip().partition(":")
-        if separator and SECRET_NAME.search(key) and value.strip():
-            assert ONLY_REFERENCES.match(value.strip().strip("\"'")), line
+        match = YAML_KEY_LINE.match(line)
+        if match and is_secret_name(match["key"]):
+            assert ONLY_REFERENCES.match(match["value"].strip("\"'")), line
 
 
-def test_secrets_are_required(compose):
+def test_secrets_are_required():
     text = COMPOSE_FILE.read_text()
     for match in VARIABLE_REFERENCE.finditer(text):
-        if re.search(r"PASSWORD|SECRET", match["name"]) and match["name"] != "AIRFLOW_FERNET_KEY":
+        if re.search(r"PASSWORD|SECRET", match["name"]):
             assert match["operator"] == ":?", f"{match.group(0)} needs ':?' so that it has no default"
 
 
@@ -321,8 +340,11 @@ def test_worker_settings_spread_trainings(compose):
 
 
 def test_postgres_init_script_is_mounted(services):
-    mounts = [entry.split(":") for entry in services["postgres"]["volumes"]]
-    scripts = [(source, target) for source, target, *_ in mounts if target.startswith("/docker-entrypoint-initdb.d/")]
+    scripts = [
+        (source, target)
+        for target, source in mounts(services["postgres"]["volumes"]).items()
+        if target.startswith("/docker-entrypoint-initdb.d/")
+    ]
     assert len(scripts) == 1
     source, target = scripts[0]
     assert (PROJECT_ROOT / source).is_file()

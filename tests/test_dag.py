@@ -35,6 +35,10 @@ print(json.dumps({
     "catchup": dag.catchup if dag else None,
     "max_active_runs": dag.max_active_runs if dag else None,
     "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
+    "schedule": repr(dag.timetable) if dag else "",
+    "watch_outlets": [
+        [asset.name for asset in task.outlets] for task in bag.dags["fer_training_data_watch"].tasks
+    ] if "fer_training_data_watch" in bag.dags else [],
 }))
 """
 
@@ -57,7 +61,23 @@ def parsed(tmp_path_factory) -> dict:
 
 def test_dag_imports_without_errors(parsed):
     assert parsed["import_errors"] == {}
-    assert parsed["dag_ids"] == ["fer_pipeline"]
+    assert parsed["dag_ids"] == ["fer_pipeline", "fer_training_data_watch"]
+
+
+def test_schedule_is_weekly_or_asset_update(parsed):
+    assert "AssetOrTime" in parsed["schedule"]
+    assert "0 0 * * 0" in parsed["schedule"]
+    assert "fer_training_data" in parsed["schedule"]
+
+
+def test_watch_dag_updates_the_training_asset(parsed):
+    assert parsed["watch_outlets"] == [["fer_training_data"]]
+
+
+def test_model_is_registered_before_the_report(parsed):
+    upstream = parsed["upstream"]
+    assert "evaluate_models" in upstream["register_model"]
+    assert "register_model" in upstream["write_report"]
 
 
 def test_dag_parse_imports_no_heavy_library(parsed):
@@ -72,7 +92,7 @@ def test_training_tasks_are_independent(parsed):
 
 def test_every_fan_in_task_waits_for_all_training(parsed):
     upstream = parsed["upstream"]
-    for task_id in FAN_IN_TASKS | {"write_report"}:
+    for task_id in FAN_IN_TASKS | {"register_model", "write_report"}:
         assert TRAINING_TASKS <= set(upstream[task_id]), task_id
 
 

@@ -162,6 +162,20 @@ def test_dag_run_on_builtin_data(airflow_home, tmp_path):
     earliest_end = min(end for _, end in intervals.values())
     assert latest_start < earliest_end, f"training tasks did not overlap: {intervals}"
 
+    submission_model = summary["submission_model"]
+    assert submission_model["model"] == summary["best_model"]
+    assert submission_model["version"] == "1"
+    assert submission_model["promoted_to_champion"] is True
+    assert "Model registry" in (tmp_path / "output" / "latest" / "report.md").read_text()
+
+    first_output = (tmp_path / "output" / "latest").resolve()
+    rerun = run_dag(airflow_home, tmp_path, conf)
+    log = (tmp_path / "dag-test.log").read_text()
+    assert rerun.returncode == 0, log[-6000:]
+    assert "Skipping training: data, settings and code match" in log
+    assert "Training cnn" not in log
+    assert (tmp_path / "output" / "latest").resolve() == first_output
+
 
 def test_dag_run_on_sample_files(airflow_home, tmp_path, fer_data_dir):
     train, test = fer_data_dir / "sample_train.csv", fer_data_dir / "sample_test.csv"

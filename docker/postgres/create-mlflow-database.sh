@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Create MLflow's role and database beside Airflow's metadata database.
 #
-# The postgres image runs this from /docker-entrypoint-initdb.d on the first start
-# of an empty data volume only; later changes to the MLFLOW_DB_* settings need a
-# new volume (`docker compose down -v` deletes all stored runs). psql quotes the
-# values itself (:"name" as an identifier, :'name' as a literal). The connection
-# URLs in docker-compose.yaml do not, so passwords must be URL-safe (hex, say).
+# The postgres image runs this from /docker-entrypoint-initdb.d only on the first
+# start of an empty data volume. Later changes to the MLFLOW_DB_* settings need
+# ALTER ROLE by hand or a new volume (`docker compose down -v` deletes all runs).
+#
+# psql quotes the values itself (:"name" as an identifier, :'name' as a literal).
+# The connection URLs in docker-compose.yaml do not, so passwords must be
+# URL-safe, hex for example.
 set -euo pipefail
 
 psql --set=ON_ERROR_STOP=1 \
