@@ -23,3 +23,14 @@ def fer_data_dir() -> Path:
             "with train.csv.gz, test.csv.gz, sample_train.csv and sample_test.csv"
         )
     return folder
+
+
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch) -> Path:
+    """Point the library at a fresh SQLite MLflow store and private folders under tmp_path."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("FER_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
+    monkeypatch.setenv("FER_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FER_BUILTIN_DATA_DIR", str(tmp_path / "builtin"))
+    return tmp_path

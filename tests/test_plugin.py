@@ -19,6 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from run_dag import stop as stop_api_server  # noqa: E402
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PLUGINS_FOLDER = PROJECT_ROOT / "plugins"
 DAGS_FOLDER = PROJECT_ROOT / "dags"
@@ -264,17 +267,6 @@ def run_airflow(arguments: list[str], environment: dict[str, str], log_path: Pat
     assert result.returncode == 0, f"airflow {' '.join(arguments)} failed:\n{log_path.read_text()[-3000:]}"
 
 
-def stop_server(server: subprocess.Popen) -> None:
-    """Stop the api-server and the workers it started: its own process group, by its PID."""
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory):
     """Start `airflow api-server` on 127.0.0.1 with the plugin, the DAG and a migrated SQLite database.
@@ -322,7 +314,7 @@ def api_server(tmp_path_factory):
         assert status == 201, body
         yield base_url, body["access_token"]
     finally:
-        stop_server(server)
+        stop_api_server(server)
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,9 @@ BASE = PipelineConfig(
 )
 
 
-@pytest.fixture
-def tracking_store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("FER_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
-    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FER_BUILTIN_DATA_DIR", str(tmp_path / "builtin"))
+@pytest.fixture(autouse=True)
+def fixed_code_version(monkeypatch):
     monkeypatch.setenv("FER_CODE_VERSION", "test-code")
-    return tmp_path
 
 
 def run_stages(config: PipelineConfig, dag_run_id: str) -> dict:

@@ -9,17 +9,6 @@ from fer_tasks.config import PipelineConfig
 from fer_tasks.datasets import validation_indices
 
 
-@pytest.fixture
-def tracking_store(tmp_path, monkeypatch):
-    """Point the library at a fresh SQLite MLflow store and private folders."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("FER_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
-    monkeypatch.setenv("FER_OUTPUT_DIR", str(tmp_path / "output"))
-    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FER_BUILTIN_DATA_DIR", str(tmp_path / "builtin"))
-    return tmp_path
-
-
 def test_head_split_takes_first_rows():
     labels = np.arange(100) % 7
     train, validation = validation_indices(labels, "head", 0.1, seed=0)
