@@ -125,6 +125,7 @@ def _score(model: Any, splits: Splits) -> dict[str, Any]:
     metrics = classification_metrics(splits.validation_labels, predicted)
     return {
         "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
         "recall": {name: values["recall"] for name, values in metrics["per_class"].items()},
         "confusion": confusion_matrix_normalised(splits.validation_labels, predicted),
     }
@@ -169,6 +170,7 @@ def register_and_promote(
         tracking.TAG_DAG_RUN_ID: dag_run_id,
         "model": best["model"],
         "val_accuracy": f"{new_score['accuracy']:.6f}",
+        "val_macro_f1": f"{new_score['macro_f1']:.6f}",
         "mlflow_run_id": best["run_id"],
     }
     version = tracking.register_model(best["model_uri"], name, tags)
@@ -216,6 +218,8 @@ def register_and_promote(
 
 def report_section(decision: dict[str, Any]) -> tuple[str, str]:
     """Return the report's (heading, text) section that states the promotion decision."""
+    # NOTE: this section is English in every report language; translating it means
+    # moving these sentences into the report's text table.
     name, version = decision["registered_model"], decision["version"]
     verdict = "promoted to champion" if decision["promoted"] else "registered, not promoted"
     lines = [
