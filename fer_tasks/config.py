@@ -36,7 +36,7 @@ def _env_path(name: str, default: Path) -> Path:
 
 
 def output_root() -> Path:
-    """Folder that holds one subfolder per DAG run (`FER_OUTPUT_DIR`)."""
+    """Folder with one subfolder per DAG run (`FER_OUTPUT_DIR`)."""
     return _env_path("FER_OUTPUT_DIR", PROJECT_ROOT / "output")
 
 
@@ -68,7 +68,7 @@ def tracking_uri() -> str:
 
 
 def artifact_root() -> str:
-    """Where new experiments store artifacts when the tracking store is local."""
+    """Return the artifact root for new experiments when the tracking store is local."""
     return os.environ.get("FER_ARTIFACT_ROOT") or (PROJECT_ROOT / "mlartifacts").as_uri()
 
 

@@ -1,8 +1,8 @@
 """Resolve a run's input files and split them into training, validation and test sets.
 
-Every stage calls `load_splits` with the same config and gets the same arrays: the
-split is a pure function of the labels, the validation mode and the seed, and the
-parsed files come from a cache keyed by their content, so nothing is parsed twice.
+Every stage calls `load_splits` with the same config and gets the same arrays. The
+split is a pure function of the labels, the validation mode and the seed. The parsed
+files come from a cache keyed by their content, so nothing is parsed twice.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class Splits:
     validation_labels: np.ndarray
     test_images: np.ndarray
     test_ids: np.ndarray
-    # Labelled test sets by name ("public", "private"), present for fer2013.csv input
-    # and for the built-in data, whose generator writes an answer key.
+    # Labelled test sets by name: "public" and "private" for fer2013.csv input, and
+    # "test" for the built-in data, whose generator also writes the test labels.
     labelled_tests: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     train_source: str = ""
     test_source: str = ""
@@ -70,7 +70,7 @@ def validation_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (train indices, validation indices).
 
-    "head" takes the first `fraction` of the rows, as the original study did;
+    "head" takes the first `fraction` of the rows, as the original study did.
     "stratified" draws a seeded sample with the class proportions of the whole set.
     """
     count = len(labels)

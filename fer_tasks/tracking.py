@@ -46,7 +46,7 @@ ACTIVATIONS_ARTIFACT = "explanation/activations.png"
 
 @dataclass(frozen=True)
 class RunContext:
-    """Where a stage runs: the Airflow ids that tag its MLflow run."""
+    """Airflow ids of the task a stage runs in, used to tag its MLflow run."""
 
     dag_id: str = "fer_pipeline"
     dag_run_id: str = "local"

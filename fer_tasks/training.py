@@ -42,7 +42,7 @@ def configure_threads() -> None:
         if inter:
             tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError:
-        # TensorFlow fixes its thread pools when it first runs an op; in a process
+        # TensorFlow fixes its thread pools when it first runs an op. In a process
         # that already trained (a test session, a notebook) the first setting stays.
         logger.warning("TensorFlow threads are already initialised; keeping the current setting")
     logger.info(

@@ -1,4 +1,4 @@
-"""Run one real DAG run of fer_pipeline on this machine and say where its outputs are.
+"""Run one real DAG run of fer_pipeline on this machine and print where its outputs are.
 
 `make run` calls this after installing. It starts an Airflow api-server on
 127.0.0.1 (task processes report to its execution API), runs the DAG with
@@ -26,8 +26,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAG_ID = "fer_pipeline"
 API_START_TIMEOUT_SECONDS = 180
-# `airflow dags test` logs this once a second while tasks run elsewhere; it says
-# nothing a user needs, so the runner drops it from the output.
+# `airflow dags test` logs this line once a second while tasks run in executor
+# processes. It tells a user nothing, so the runner drops it from the output.
 POLLING_NOISE = "No tasks to run. unrunnable tasks"
 
 logger = logging.getLogger("run_dag")
@@ -151,7 +151,7 @@ def start_api_server(environment: dict[str, str], port: int, log_path: Path) -> 
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(1)
     stop(server)
-    raise SystemExit(f"the Airflow api-server did not answer within {API_START_TIMEOUT_SECONDS} s; see {log_path}")
+    raise SystemExit(f"the Airflow api-server did not respond within {API_START_TIMEOUT_SECONDS} s; see {log_path}")
 
 
 def stop(server: subprocess.Popen) -> None:
