@@ -1,7 +1,7 @@
 """Explanations of a trained model: saliency maps, filter patterns and layer outputs.
 
 The functions take a Keras model and uint8 images of shape (k, 48, 48) and return
-numpy arrays or a matplotlib `Figure`; none of them writes files or talks to
+numpy arrays or a matplotlib `Figure`. None of them writes files or talks to
 MLflow. The stage entry points at the end, `explain_with_saliency` and
 `explain_filters`, load the models from MLflow and store the figures there. Gradients are always taken on a float32 copy of the model (see
 `float32_copy`), because a model trained under the "mixed_bfloat16" policy

@@ -27,7 +27,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAG_ID = "fer_pipeline"
 API_START_TIMEOUT_SECONDS = 180
 # `airflow dags test` logs this line once a second while tasks run in executor
-# processes. It tells a user nothing, so the runner drops it from the output.
+# processes. It carries nothing a user needs, so the runner drops it from the output.
 POLLING_NOISE = "No tasks to run. unrunnable tasks"
 
 logger = logging.getLogger("run_dag")

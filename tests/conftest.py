@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,19 @@ def tracking_store(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FER_BUILTIN_DATA_DIR", str(tmp_path / "builtin"))
     return tmp_path
+
+
+def run_airflow_cli(
+    arguments: list[str], environment: dict[str, str], timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run the virtualenv's `airflow` command and fail the test with its output if it fails."""
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), *arguments],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import run_airflow_cli
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +37,7 @@ QUICK_PARAMS = {
 @pytest.fixture(scope="module")
 def airflow_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("airflow")
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-        env=_environment(home, home),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_airflow_cli(["db", "migrate"], _environment(home, home), timeout=600)
     return home
 
 

@@ -6,11 +6,8 @@ import importlib.util
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from run_dag import free_port, start_api_server  # noqa: E402
 from run_dag import stop as stop_api_server  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +25,6 @@ PLUGINS_FOLDER = PROJECT_ROOT / "plugins"
 DAGS_FOLDER = PROJECT_ROOT / "dags"
 PLUGIN_FILE = PLUGINS_FOLDER / "mlflow_links.py"
 MLFLOW_UI_URL = "http://127.0.0.1:5999"
-API_START_TIMEOUT_SECONDS = 180
 
 # Loaded in a fresh interpreter through Airflow's plugin manager, as the api-server
 # loads it, so modules imported by this test session cannot hide a heavy import.
@@ -238,12 +235,6 @@ def test_get_link_reads_return_values_of_its_run(plugin, monkeypatch):
 # A real api-server: the plugin's entries in /api/v2/plugins and the resolved links.
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def request_json(base_url: str, method: str, path: str, body=None, token: str | None = None):
     """Send one request to the test api-server and return (status, decoded JSON body)."""
     headers = {"Content-Type": "application/json"}
@@ -290,26 +281,8 @@ def api_server(tmp_path_factory):
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    log_path = home / "api-server.log"
-    airflow = str(Path(sys.executable).with_name("airflow"))
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)],
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = start_api_server(environment, port, home / "api-server.log")
     try:
-        deadline = time.monotonic() + API_START_TIMEOUT_SECONDS
-        while True:
-            assert server.poll() is None, f"api-server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"api-server did not answer within {API_START_TIMEOUT_SECONDS} s"
-            try:
-                urllib.request.urlopen(f"{base_url}/api/v2/version", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(1)
         status, body = request_json(base_url, "POST", "/auth/token", {"username": "admin", "password": password})
         assert status == 201, body
         yield base_url, body["access_token"]

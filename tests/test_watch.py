@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_airflow_cli
 
 pytestmark = pytest.mark.slow
 
@@ -21,19 +20,6 @@ def write_training_file(path: Path, rows: int) -> None:
     path.write_text(HEADER + "".join(f"{row % 7},{pixels}\n" for row in range(rows)))
 
 
-def airflow(arguments: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), *arguments],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return result
-
-
 def test_watch_emits_event_only_on_change(tmp_path):
     training_file = tmp_path / "train.csv"
     write_training_file(training_file, 7)
@@ -44,14 +30,14 @@ def test_watch_emits_event_only_on_change(tmp_path):
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "FER_TRAIN_CSV": str(training_file),
     }
-    airflow(["db", "migrate"], environment)
-    airflow(["dags", "reserialize"], environment)
-    airflow(["dags", "unpause", "fer_pipeline"], environment)
+    run_airflow_cli(["db", "migrate"], environment)
+    run_airflow_cli(["dags", "reserialize"], environment)
+    run_airflow_cli(["dags", "unpause", "fer_pipeline"], environment)
 
-    first = airflow(["dags", "test", "fer_training_data_watch"], environment)
-    unchanged = airflow(["dags", "test", "fer_training_data_watch"], environment)
+    first = run_airflow_cli(["dags", "test", "fer_training_data_watch"], environment)
+    unchanged = run_airflow_cli(["dags", "test", "fer_training_data_watch"], environment)
     write_training_file(training_file, 14)
-    changed = airflow(["dags", "test", "fer_training_data_watch"], environment)
+    changed = run_airflow_cli(["dags", "test", "fer_training_data_watch"], environment)
 
     assert "is unchanged" not in first.stdout + first.stderr
     assert "is unchanged" in unchanged.stdout + unchanged.stderr
