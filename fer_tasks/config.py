@@ -50,6 +50,20 @@ def cache_dir() -> Path:
     return _env_path("FER_CACHE_DIR", PROJECT_ROOT / ".cache" / "fer_tasks")
 
 
+def checkpoint_dir() -> Path:
+    """Folder for per-epoch training checkpoints (`FER_CHECKPOINT_DIR`).
+
+    A retried training task resumes from here, so with several workers it must be
+    storage that every worker mounts.
+    """
+    return _env_path("FER_CHECKPOINT_DIR", PROJECT_ROOT / ".cache" / "checkpoints")
+
+
+def mlflow_outage_seconds() -> float:
+    """Seconds a training task keeps buffering metrics while MLflow is unreachable (`FER_MLFLOW_OUTAGE_SECONDS`)."""
+    return float(os.environ.get("FER_MLFLOW_OUTAGE_SECONDS", "900"))
+
+
 def retraining_schedule() -> str | None:
     """Cron expression or preset of the retraining schedule (`FER_SCHEDULE`, "none" to turn off)."""
     value = os.environ.get("FER_SCHEDULE", "@weekly").strip()

@@ -34,8 +34,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fer_tasks import checkpoints, files, tracking
 from fer_tasks import config as settings
-from fer_tasks import files, tracking
 from fer_tasks.config import CLASS_NAMES, MODEL_NAMES, NUM_CLASSES, REPORT_LANGUAGES, PipelineConfig
 from fer_tasks.datasets import load_splits
 from fer_tasks.tracking import RunContext
@@ -1242,7 +1242,10 @@ def publish(
         artifact_dir = str(Path("report") / relative.parent) if str(relative.parent) != "." else "report"
         tracking.log_file(path, artifact_dir, run_id=parent["parent_run_id"])
     tracking.finish_pipeline_run(parent["parent_run_id"])
+    # A DAG run that failed and was then cleared and rerun is complete now, so drop its marker.
+    (output_dir / FAILED_MARKER).unlink(missing_ok=True)
     files.replace_symlink(settings.output_root() / "latest", output_dir.name)
+    checkpoints.remove_dag_run(context.dag_id, context.dag_run_id)
     logger.info("Best model: %s. Submission: %s. Report: %s", best, output_dir / SUBMISSION_FILE, paths["report.html"])
     return {
         "output_dir": str(output_dir),

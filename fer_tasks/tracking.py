@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
 from fer_tasks import config as settings
@@ -42,6 +45,9 @@ PREDICTIONS_ARTIFACT = "predictions/test_predictions.csv"
 SALIENCY_ARTIFACT = "explanation/saliency.png"
 FILTERS_ARTIFACT = "explanation/filters.png"
 ACTIVATIONS_ARTIFACT = "explanation/activations.png"
+
+# A metric batch that takes longer than this to send is reported in the task log.
+SLOW_LOGGING_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -154,27 +160,39 @@ def _param_value(value: Any) -> str:
 
 
 @contextmanager
-def child_run(parent: dict, context: RunContext, model_name: str) -> Iterator[str]:
+def child_run(parent: dict, context: RunContext, model_name: str, resume: bool = False) -> Iterator[str]:
     """Open the one MLflow run of a training task, nested under the parent run.
 
-    A run left by an earlier try of the same task (same DAG run and task id) is
-    deleted first, so a retry leaves exactly one run behind. The run ends FINISHED
-    when the block exits cleanly and FAILED when it raises.
+    An earlier try of the same task (same DAG run and task id) may have left a run.
+    With `resume` (the task resumes from a checkpoint) that run is reopened, so the
+    metrics of the epochs already done stay with it. Otherwise it is closed as KILLED
+    and deleted, and a new run starts. Either way a retry leaves exactly one run.
+    The run ends FINISHED when the block exits cleanly and FAILED when it raises.
     """
-    client()
+    tracking = client()
     key = {
         TAG_DAG_ID: context.dag_id,
         TAG_DAG_RUN_ID: context.dag_run_id,
         TAG_TASK_ID: context.task_id,
         TAG_ROLE: "model",
     }
-    for stale in find_runs(parent["experiment_id"], key):
-        client().delete_run(stale.info.run_id)
+    earlier = find_runs(parent["experiment_id"], key)
+    reopened = earlier.pop(0).info.run_id if resume and earlier else None
+    for stale in earlier:
+        if stale.info.status == "RUNNING":
+            tracking.set_terminated(stale.info.run_id, status="KILLED")
+        tracking.delete_run(stale.info.run_id)
         logger.warning(
-            "Deleted MLflow run %s left by an earlier try of task %s",
-            stale.info.run_id,
-            context.task_id,
+            "Deleted MLflow run %s left by an earlier try of task %s", stale.info.run_id, context.task_id
         )
+
+    if reopened:
+        tracking.set_tag(reopened, TAG_TRY_NUMBER, str(context.try_number))
+        with mlflow.start_run(run_id=reopened) as run:
+            logger.info("Reopened MLflow run %s of an earlier try of task %s", reopened, context.task_id)
+            yield run.info.run_id
+        return
+
     tags = {**context.tags(), TAG_ROLE: "model", TAG_MODEL: model_name}
     with mlflow.start_run(
         experiment_id=parent["experiment_id"],
@@ -190,6 +208,98 @@ def child_run(parent: dict, context: RunContext, model_name: str) -> Iterator[st
             parent["parent_run_id"],
         )
         yield run.info.run_id
+
+
+class MetricSender:
+    """Send metrics to one MLflow run from a background thread.
+
+    Training hands each epoch's metrics to `send` and goes on at once. When the
+    tracking server is unreachable the metrics wait in a queue, and the thread keeps
+    retrying with exponential backoff (on top of the MLflow client's own retries)
+    for up to `give_up_after` seconds. `close` waits until the queue is empty and
+    raises if some metrics could not be sent, so the task fails instead of
+    finishing with a gap in its history.
+    """
+
+    def __init__(self, run_id: str, give_up_after: float | None = None) -> None:
+        self.run_id = run_id
+        self.give_up_after = settings.mlflow_outage_seconds() if give_up_after is None else give_up_after
+        self._queue: queue.Queue = queue.Queue()
+        self._error: str | None = None
+        self._client = client()
+        self._thread = threading.Thread(target=self._deliver_all, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def send(self, metrics: dict[str, float], step: int) -> None:
+        """Queue `metrics` for `step`, timestamped now; warn when earlier steps are still waiting."""
+        waiting = self._queue.qsize()
+        if waiting:
+            logger.warning(
+                "%d earlier batch(es) of metrics for MLflow run %s are still waiting for the tracking "
+                "server; training goes on",
+                waiting,
+                self.run_id,
+            )
+        timestamp = int(time.time() * 1000)
+        self._queue.put([Metric(name, float(value), timestamp, step) for name, value in metrics.items()])
+
+    def close(self) -> None:
+        """Wait until every queued metric is sent; raise RuntimeError if the sender gave up."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error:
+            raise RuntimeError(self._error)
+
+    def _deliver_all(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:
+                self._deliver(batch)
+
+    def _deliver(self, batch: list[Metric]) -> None:
+        step = batch[0].step if batch else 0
+        first_failure: float | None = None
+        delay = 1.0
+        while True:
+            started = time.monotonic()
+            try:
+                self._client.log_batch(self.run_id, metrics=batch)
+            except Exception as error:  # any failure to reach the server or store the metrics
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = started
+                    logger.warning(
+                        "MLflow did not accept the metrics of step %d for run %s (%s); they stay buffered "
+                        "and are retried for up to %.0f s",
+                        step,
+                        self.run_id,
+                        error,
+                        self.give_up_after,
+                    )
+                if now - first_failure > self.give_up_after:
+                    self._error = (
+                        f"the MLflow tracking server was unreachable for more than {self.give_up_after:.0f} s, "
+                        f"so the metrics of run {self.run_id} from step {step} on were not logged: {error}"
+                    )
+                    logger.error("%s", self._error)
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            waited = time.monotonic() - (first_failure if first_failure is not None else started)
+            if waited > SLOW_LOGGING_SECONDS:
+                logger.warning(
+                    "MLflow accepted the metrics of step %d for run %s after %.0f s: the tracking server was "
+                    "unreachable or slow meanwhile, and training went on",
+                    step,
+                    self.run_id,
+                    waited,
+                )
+            return
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """Return the steps at which run `run_id` has a value of metric `key`."""
+    return {metric.step for metric in client().get_metric_history(run_id, key)}
 
 
 @contextmanager

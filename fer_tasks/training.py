@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fer_tasks import tracking
+from fer_tasks.checkpoints import CheckpointStore, TrainingState
 from fer_tasks.config import PipelineConfig
 from fer_tasks.datasets import Splits, load_splits
 from fer_tasks.models import to_model_input
@@ -105,21 +106,53 @@ def make_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-class EpochLogger:
-    """Build a Keras callback that logs each epoch to MLflow and to the task log."""
+class EpochRecorder:
+    """Build a Keras callback that records each finished epoch.
 
-    def __new__(cls, model_name: str, max_epochs: int) -> Any:
+    In this order: the history, a checkpoint (when a store is given), the MLflow
+    metrics and a task-log line. Metrics leave only after the checkpoint holding
+    them exists, so a task killed in between logs nothing twice after resuming.
+    Place it after `EarlyStopping` in the callback list, so that it saves the early
+    stopping counters of the epoch that just ended.
+    """
+
+    def __new__(
+        cls,
+        model_name: str,
+        max_epochs: int,
+        state: TrainingState,
+        stopping: Any,
+        store: CheckpointStore | None,
+        sender: tracking.MetricSender | None,
+        best_weights: list | None = None,
+    ) -> Any:
         import keras
 
         class _Callback(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                # EarlyStopping resets its counters in its own on_train_begin, which
+                # runs first; a resumed training puts the saved ones back here.
+                if state.epochs_done:
+                    stopping.best = state.best
+                    stopping.best_epoch = state.best_epoch
+                    stopping.wait = state.wait
+                    stopping.best_weights = best_weights
+
             def on_epoch_begin(self, epoch, logs=None):
                 self.started = time.perf_counter()
 
             def on_epoch_end(self, epoch, logs=None):
-                seconds = time.perf_counter() - self.started
                 metrics = {name: float(value) for name, value in (logs or {}).items()}
-                metrics["epoch_seconds"] = seconds
-                tracking.log_metrics(metrics, step=epoch + 1)
+                metrics["epoch_seconds"] = time.perf_counter() - self.started
+                state.record(metrics)
+                state.stopped_early = bool(self.model.stop_training)
+                state.best = None if stopping.best is None else float(stopping.best)
+                state.best_epoch = int(stopping.best_epoch)
+                state.wait = int(stopping.wait)
+                if store is not None:
+                    store.save(self.model, state, stopping.best_weights)
+                if sender is not None:
+                    sender.send(metrics, step=epoch + 1)
                 logger.info(
                     "%s epoch %d/%d: loss %.4f accuracy %.4f val_loss %.4f val_accuracy %.4f (%.1f s)",
                     model_name,
@@ -129,14 +162,34 @@ class EpochLogger:
                     metrics.get("accuracy", float("nan")),
                     metrics.get("val_loss", float("nan")),
                     metrics.get("val_accuracy", float("nan")),
-                    seconds,
+                    metrics["epoch_seconds"],
                 )
 
         return _Callback()
 
 
-def fit_model(model_name: str, splits: Splits, config: PipelineConfig) -> tuple[Any, dict]:
-    """Compile and fit a fresh model; return it with its history and timing."""
+def _send_missing_epochs(state: TrainingState, run_id: str, sender: tracking.MetricSender) -> None:
+    """Log the checkpointed epochs that the MLflow run lacks (an earlier try died before logging them)."""
+    logged = tracking.logged_steps(run_id, "loss")
+    missing = [step for step in range(1, state.epochs_done + 1) if step not in logged]
+    for step in missing:
+        sender.send({name: values[step - 1] for name, values in state.history.items()}, step=step)
+    if missing:
+        logger.info("Logged the metrics of epochs %s from the checkpoint to MLflow run %s", missing, run_id)
+
+
+def fit_model(
+    model_name: str,
+    splits: Splits,
+    config: PipelineConfig,
+    store: CheckpointStore | None = None,
+    run_id: str | None = None,
+) -> tuple[Any, dict]:
+    """Compile and fit a model, resuming from the checkpoint in `store` if there is one.
+
+    Metrics go to MLflow run `run_id` when it is given. Returns the model, with the
+    best epoch's weights, and its history and timing over all tries.
+    """
     import keras
 
     from fer_tasks.models import build_model
@@ -148,6 +201,63 @@ def fit_model(model_name: str, splits: Splits, config: PipelineConfig) -> tuple[
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    stopping = keras.callbacks.EarlyStopping(
+        monitor="val_loss",
+        min_delta=config.min_delta,
+        patience=config.patience,
+        restore_best_weights=True,
+    )
+    state, best_weights = TrainingState(), None
+    restored = store.restore(model) if store is not None else None
+    if restored:
+        state, best_weights = restored
+        logger.info(
+            "Resuming %s from the checkpoint after epoch %d of %d in %s",
+            model_name,
+            state.epochs_done,
+            config.epochs,
+            store.directory,
+        )
+    resumed_after = state.epochs_done
+    sender = tracking.MetricSender(run_id) if run_id else None
+    try:
+        if sender is not None and state.epochs_done:
+            _send_missing_epochs(state, run_id, sender)
+        if state.stopped_early or state.epochs_done >= config.epochs:
+            # The earlier try finished fitting but died before its results were stored.
+            if best_weights is not None:
+                model.set_weights(best_weights)
+        else:
+            _fit(model, model_name, splits, config, state, stopping, store, sender, best_weights)
+    finally:
+        if sender is not None:
+            sender.close()
+
+    history = state.history
+    seconds = float(sum(history.get("epoch_seconds", [])))
+    epochs_run = state.epochs_done
+    best_epoch = int(np.argmin(history["val_loss"])) + 1
+    return model, {
+        "history": history,
+        "epochs": epochs_run,
+        "best_epoch": best_epoch,
+        "train_seconds": seconds,
+        "seconds_per_epoch": seconds / epochs_run,
+        "resumed_after_epoch": resumed_after,
+    }
+
+
+def _fit(
+    model: Any,
+    model_name: str,
+    splits: Splits,
+    config: PipelineConfig,
+    state: TrainingState,
+    stopping: Any,
+    store: CheckpointStore | None,
+    sender: tracking.MetricSender | None,
+    best_weights: list | None,
+) -> None:
     train = make_dataset(
         splits.train_images,
         splits.train_labels,
@@ -164,32 +274,18 @@ def fit_model(model_name: str, splits: Splits, config: PipelineConfig) -> tuple[
         augment=False,
         seed=config.seed,
     )
-    stopping = keras.callbacks.EarlyStopping(
-        monitor="val_loss",
-        min_delta=config.min_delta,
-        patience=config.patience,
-        restore_best_weights=True,
-    )
-    epoch_logger = EpochLogger(model_name, config.epochs)
-    started = time.perf_counter()
-    history = model.fit(
+    recorder = EpochRecorder(model_name, config.epochs, state, stopping, store, sender, best_weights)
+    # NOTE: a resumed training reseeds its shuffling and augmentation from the start,
+    # so its later epochs see other batches than an uninterrupted run would.
+    model.fit(
         train,
         validation_data=validation,
         epochs=config.epochs,
-        callbacks=[epoch_logger, stopping],
+        initial_epoch=state.epochs_done,
+        callbacks=[stopping, recorder],
         shuffle=False,  # the dataset shuffles itself each epoch
         verbose=0,
     )
-    seconds = time.perf_counter() - started
-    epochs_run = len(history.history["loss"])
-    best_epoch = int(np.argmin(history.history["val_loss"])) + 1
-    return model, {
-        "history": {key: [float(value) for value in values] for key, values in history.history.items()},
-        "epochs": epochs_run,
-        "best_epoch": best_epoch,
-        "train_seconds": seconds,
-        "seconds_per_epoch": seconds / epochs_run,
-    }
 
 
 def describe_architecture(model: Any) -> tuple[str, list[list[Any]]]:
@@ -220,9 +316,12 @@ def train_model(
 ) -> dict[str, Any]:
     """Train `model_name` in its own MLflow run under `parent`; return a small summary.
 
-    The summary (run id, model URI, headline metrics) is what travels by XCom.
+    The summary (run id, model URI, headline metrics) is what travels by XCom. A
+    retry of the task resumes from the last epoch checkpoint of the earlier try and
+    reopens its MLflow run; the checkpoints are deleted once the run is complete.
     """
     configure_threads()
+    store = CheckpointStore.for_task(context.dag_id, context.dag_run_id, context.task_id)
     splits = load_splits(config)
     logger.info(
         "Training %s on %d images, validating on %d (max %d epochs, batch %d)",
@@ -232,7 +331,7 @@ def train_model(
         config.epochs,
         config.batch_size,
     )
-    with tracking.child_run(parent, context, model_name) as run_id:
+    with tracking.child_run(parent, context, model_name, resume=store.exists()) as run_id:
         from fer_tasks.models import build_model
 
         counts = parameter_counts(build_model(model_name))
@@ -247,7 +346,7 @@ def train_model(
                 "data_sha256": splits.sha256,
             }
         )
-        model, fit = fit_model(model_name, splits, config)
+        model, fit = fit_model(model_name, splits, config, store=store, run_id=run_id)
         validation_loss, validation_accuracy = model.evaluate(
             make_dataset(
                 splits.validation_images,
@@ -273,6 +372,7 @@ def train_model(
         tracking.log_json(architecture, tracking.ARCHITECTURE_ARTIFACT)
         tracking.log_json(fit, tracking.HISTORY_ARTIFACT)
         model_uri = tracking.log_keras_model(model, to_model_input(splits.validation_images[:4]))
+    store.remove()
     logger.info(
         "Trained %s: val_accuracy %.4f after %d epochs (best epoch %d, %.1f s per epoch)",
         model_name,

@@ -35,6 +35,7 @@ def tracking_store(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("FER_OUTPUT_DIR", str(tmp_path / "output"))
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FER_BUILTIN_DATA_DIR", str(tmp_path / "builtin"))
+    monkeypatch.setenv("FER_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     return tmp_path
 
 
