@@ -38,6 +38,7 @@ from fer_tasks.config import (
     DEFAULTS,
     MODEL_NAMES,
     REPORT_LANGUAGES,
+    max_active_runs,
     retraining_schedule,
     training_data_uri,
 )
@@ -187,7 +188,7 @@ def _close_parent_run(context) -> None:
     schedule=SCHEDULE,
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=max_active_runs(),
     params=PARAMS,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     on_failure_callback=_close_parent_run,
@@ -278,7 +279,9 @@ def fer_pipeline():
 
         return explain_filters(_config(), _trained_runs(trained))
 
-    @task(trigger_rule="none_failed_min_one_success")
+    # One register_model at a time across DAG runs, so that two concurrent runs
+    # cannot both compare against the same champion and both move the alias.
+    @task(trigger_rule="none_failed_min_one_success", max_active_tis_per_dag=1)
     def register_model(data_summary: dict, trained: list[dict | None], evaluation: dict) -> dict:
         """Register the best model; move the champion alias to it only if it beats the champion."""
         from fer_tasks.registry import choose_best_run, register_and_promote, report_section

@@ -59,6 +59,18 @@ def checkpoint_dir() -> Path:
     return _env_path("FER_CHECKPOINT_DIR", PROJECT_ROOT / ".cache" / "checkpoints")
 
 
+def max_active_runs() -> int:
+    """How many runs of `fer_pipeline` may run at once (`FER_MAX_ACTIVE_RUNS`, default 1).
+
+    Each run trains three models, so a second concurrent run on the same workers
+    mostly competes for their cores; raise it when the workers have room.
+    """
+    value = os.environ.get("FER_MAX_ACTIVE_RUNS", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FER_MAX_ACTIVE_RUNS must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
 def mlflow_outage_seconds() -> float:
     """Seconds a training task keeps buffering metrics while MLflow is unreachable (`FER_MLFLOW_OUTAGE_SECONDS`)."""
     return float(os.environ.get("FER_MLFLOW_OUTAGE_SECONDS", "900"))

@@ -87,7 +87,15 @@ def ensure_experiment(name: str) -> str:
     artifact_location = None
     if settings.tracking_uri().startswith(("sqlite:", "file:", "/")):
         artifact_location = f"{settings.artifact_root()}/{name}"
-    experiment_id = tracking.create_experiment(name, artifact_location=artifact_location)
+    try:
+        experiment_id = tracking.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException as error:
+        # Another DAG run started at the same moment may have created it first.
+        existing = tracking.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        logger.info("MLflow experiment %r was created by a concurrent run (%s)", name, error.error_code)
+        return existing.experiment_id
     logger.info("Created MLflow experiment %r (id %s)", name, experiment_id)
     return experiment_id
 
