@@ -1,11 +1,13 @@
 """Command line for checking FER2013 CSV files and generating the built-in data set.
 
-    python -m fer_tasks check FILE [FILE ...] [--skip-bad-rows]
+    python -m fer_tasks check FILE [FILE ...] [--expect KIND] [--skip-bad-rows]
     python -m fer_tasks generate DIRECTORY [--train-rows N] [--test-rows N] [--seed S]
 
 The same commands are installed as the `fer-tasks` console script. `check` exits
 with 0 when every file is valid, 1 when a file has invalid content, and 2 when a
-file cannot be read (for example, when it does not exist).
+file cannot be read (for example, when it does not exist). It applies the checks of
+the DAG's validate_data task: a training file (course train.csv, or the Training
+rows of fer2013.csv) must also have rows of every class.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from fer_tasks.data import (
     DataError,
     Dataset,
     DataValidationError,
+    KINDS,
     class_counts,
     load_csv,
     split_fer2013,
+    training_rows,
 )
 
 EXIT_OK = 0
@@ -54,6 +58,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "plain or gzipped) and print their row and class counts.",
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="CSV file to validate")
+    check.add_argument(
+        "--expect",
+        choices=KINDS,
+        metavar="KIND",
+        help="reject a file whose header is not of this layout: train (label,feature), "
+        "test (id,feature) or fer2013 (emotion,pixels,Usage); default: any",
+    )
     check.add_argument(
         "--skip-bad-rows",
         action="store_true",
@@ -97,7 +108,11 @@ def _run_check(arguments: argparse.Namespace) -> int:
     exit_code = EXIT_OK
     for path in arguments.files:
         try:
-            dataset = load_csv(path, skip_bad_rows=arguments.skip_bad_rows)
+            dataset = load_csv(
+                path, expected=arguments.expect, skip_bad_rows=arguments.skip_bad_rows
+            )
+            if dataset.kind != "test":
+                training_rows(dataset)
         except FileNotFoundError:
             print(f"error: {path}: file not found", file=sys.stderr)
             exit_code = max(exit_code, EXIT_UNREADABLE)

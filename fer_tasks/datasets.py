@@ -16,7 +16,14 @@ import numpy as np
 
 from fer_tasks import config as settings
 from fer_tasks.config import CLASS_NAMES, PipelineConfig
-from fer_tasks.data import Dataset, class_counts, load_csv_cached, split_fer2013
+from fer_tasks.data import (
+    DataError,
+    Dataset,
+    class_counts,
+    load_csv_cached,
+    split_fer2013,
+    training_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +114,19 @@ def load_splits(config: PipelineConfig) -> Splits:
     train = load_csv_cached(train_path, cache_dir=cache, skip_bad_rows=config.skip_bad_rows)
 
     labelled_tests: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if train.kind == "test":
+        raise DataError(
+            str(train_path), 0, "id,feature",
+            "file has a test header (id,feature) and no labels, but train_csv needs a training file",
+            "Set train_csv to a file with the header label,feature or emotion,pixels,Usage, "
+            "and test_csv to this file.",
+        )
     if train.kind == "fer2013":
-        train, public, private = split_fer2013(train)
+        _, public, private = split_fer2013(train)
         for name, subset in (("public", public), ("private", private)):
             if subset is not None and len(subset.images):
                 labelled_tests[name] = (subset.images, subset.labels)
-    elif train.kind != "train":
-        raise ValueError(
-            f"{train_path} has a {train.kind} header; train_csv needs a training file "
-            "with the header label,feature or emotion,pixels,Usage"
-        )
+    train = training_rows(train)
 
     test = _load_test(config, test_path, train, labelled_tests)
     skipped = len(train.skipped) + (len(test.skipped) if test is not None else 0)

@@ -38,13 +38,14 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def train_file(tmp_path) -> Path:
-    rows = [f"{label},{pixel_field(index)}" for index, label in enumerate([3, 3, 0, 6])]
+    rows = [f"{label},{pixel_field(index)}" for index, label in enumerate([3, 3, 0, 6, 1, 2, 4, 5])]
     return write_csv(tmp_path, "train.csv", "label,feature", rows)
 
 
 @pytest.fixture
 def bad_train_file(tmp_path) -> Path:
-    rows = [f"3,{pixel_field(0)}", f"9,{pixel_field(1)}", f"4,{pixel_field(2)}"]
+    rows = [f"3,{pixel_field(0)}", f"9,{pixel_field(1)}"]
+    rows += [f"{label},{pixel_field(label + 2)}" for label in range(7)]
     return write_csv(tmp_path, "bad_train.csv", "label,feature", rows)
 
 
@@ -52,8 +53,8 @@ def test_check_valid_train_file(train_file):
     result = run_cli("check", str(train_file))
 
     assert result.returncode == 0, result.stderr
-    assert f"{train_file}: train, 4 rows, parsed in" in result.stdout
-    assert "Angry 1, Disgust 0, Fear 0, Happy 2, Sad 0, Surprise 0, Neutral 1" in result.stdout
+    assert f"{train_file}: train, 8 rows, parsed in" in result.stdout
+    assert "Angry 1, Disgust 1, Fear 1, Happy 2, Sad 1, Surprise 1, Neutral 1" in result.stdout
     assert result.stderr == ""
 
 
@@ -68,18 +69,15 @@ def test_check_test_file_shows_ids(tmp_path):
 
 
 def test_check_fer2013_counts_per_usage(tmp_path):
-    rows = [
-        f"0,{pixel_field(0)},Training",
-        f"3,{pixel_field(1)},Training",
-        f"5,{pixel_field(2)},PrivateTest",
-    ]
+    rows = [f"{label},{pixel_field(label)},Training" for label in (0, 3, 1, 2, 4, 5, 6)]
+    rows.append(f"5,{pixel_field(9)},PrivateTest")
     path = write_csv(tmp_path, "fer2013.csv", "emotion,pixels,Usage", rows)
 
     result = run_cli("check", str(path))
 
     assert result.returncode == 0, result.stderr
-    assert "fer2013, 3 rows" in result.stdout
-    assert "Training (2 rows): Angry 1, Disgust 0, Fear 0, Happy 1" in result.stdout
+    assert "fer2013, 8 rows" in result.stdout
+    assert "Training (7 rows): Angry 1, Disgust 1, Fear 1, Happy 1" in result.stdout
     assert "PrivateTest (1 row): Angry 0" in result.stdout
     assert "PublicTest" not in result.stdout
 
@@ -122,14 +120,14 @@ def test_check_missing_file_exits_2(tmp_path, train_file):
     assert result.returncode == 2
     assert f"{missing}: file not found" in result.stderr
     assert "Traceback" not in result.stderr
-    assert "train, 4 rows" in result.stdout
+    assert "train, 8 rows" in result.stdout
 
 
 def test_check_skip_bad_rows_lists_them(bad_train_file):
     result = run_cli("check", str(bad_train_file), "--skip-bad-rows")
 
     assert result.returncode == 0, result.stderr
-    assert "train, 2 rows" in result.stdout
+    assert "train, 8 rows" in result.stdout
     assert "skipped 1 invalid row:" in result.stdout
     assert "line 3: label '9' is out of range" in result.stdout
 
@@ -138,7 +136,7 @@ def test_check_reports_every_file(train_file, bad_train_file):
     result = run_cli("check", str(bad_train_file), str(train_file))
 
     assert result.returncode == 1
-    assert "train, 4 rows" in result.stdout
+    assert "train, 8 rows" in result.stdout
     assert "bad_train.csv line 3" in result.stderr
 
 
@@ -146,7 +144,7 @@ def test_main_accepts_argv(train_file, capsys):
     exit_code = main(["check", str(train_file)])
 
     assert exit_code == 0
-    assert "train, 4 rows" in capsys.readouterr().out
+    assert "train, 8 rows" in capsys.readouterr().out
 
 
 def test_main_without_subcommand_exits_2(capsys):

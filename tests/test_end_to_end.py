@@ -197,3 +197,45 @@ def test_dag_run_rejects_bad_input_before_training(airflow_home, tmp_path):
     output = tmp_path / "output"
     assert not (output / "latest").exists()
     assert not any(output.glob("*/submission.csv"))
+
+
+REJECTED_IN_DAG = ["train-gz-corrupt", "test-duplicated-id", "fer2013-class-only-in-test-rows"]
+
+
+@pytest.mark.parametrize("case_name", REJECTED_IN_DAG)
+def test_rejected_file_leaves_no_run_output(airflow_home, tmp_path, case_name):
+    from test_bad_input import CASES, write_inputs
+
+    from fer_tasks.report import run_folder_name
+
+    case = next(case for case in CASES if case.name == case_name)
+    folder = tmp_path / "input"
+    folder.mkdir()
+    inputs = write_inputs(folder, case, case.content())
+    output = tmp_path / "output"
+    earlier_run = output / "earlier_run"
+    earlier_run.mkdir(parents=True)
+    (output / "latest").symlink_to("earlier_run")
+    conf = {**QUICK_PARAMS, "train_csv": inputs.config.train_csv, "test_csv": inputs.config.test_csv}
+
+    result = run_dag(airflow_home, tmp_path, conf)
+    log = (tmp_path / "dag-test.log").read_text()
+
+    assert result.returncode != 0
+    location = f"{inputs.path} line {case.line}:" if case.line else f"{inputs.path}:"
+    assert location in log
+    assert case.fragment in log
+    assert "Training cnn" not in log
+    with sqlite3.connect(airflow_home / "airflow.db") as connection:
+        (run_id, state) = connection.execute(
+            "SELECT run_id, state FROM dag_run ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        trained = connection.execute(
+            "SELECT COUNT(*) FROM task_instance WHERE run_id = ? AND task_id LIKE 'train_%' "
+            "AND state = 'success'", (run_id,)
+        ).fetchone()[0]
+    assert state == "failed"
+    assert trained == 0
+    assert not (output / run_folder_name(run_id)).exists()
+    assert sorted(path.name for path in output.iterdir()) == ["earlier_run", "latest"]
+    assert os.readlink(output / "latest") == "earlier_run"
