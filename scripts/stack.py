@@ -115,7 +115,13 @@ class Credentials:
 
 
 def port_in_use(port: int) -> bool:
+    """Return True when a program listens on `port` of 127.0.0.1.
+
+    SO_REUSEADDR, as the servers set it, lets connections of a stopped server that
+    linger in TIME_WAIT pass, so only a listening socket counts.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
