@@ -214,8 +214,15 @@ def task_log_tail(stack: Stack, token: str, run_id: str, instance: dict, charact
     status, body = request_json(stack.airflow_url + path, token=token)
     if status != 200 or not isinstance(body, dict):
         return f"(log not available: {status} {str(body)[:500]})"
-    content = body.get("content", [])
-    lines = [entry.get("event", "") if isinstance(entry, dict) else str(entry) for entry in content]
+    lines = []
+    for entry in body.get("content", []):
+        if not isinstance(entry, dict):
+            lines.append(str(entry))
+            continue
+        lines.append(entry.get("event", ""))
+        # The exception of a failed task comes as structured fields next to "Task failed with exception".
+        for error in entry.get("error_detail") or []:
+            lines.append(f"  {error.get('exc_type')}: {error.get('exc_value')}")
     return "\n".join(lines)[-characters:]
 
 
