@@ -29,7 +29,15 @@ EPOCHS ?= 12
 CONF ?= {}
 export MLFLOW_PORT ?= 5000
 
-.PHONY: install run test test-fast bench ui clean
+# `make up` settings: the state folder and the ports on 127.0.0.1.
+STACK_DIR ?= $(CURDIR)/.stack
+STACK_AIRFLOW_PORT ?= 8080
+STACK_MLFLOW_PORT ?= 5000
+STACK_POSTGRES_PORT ?= 15432
+STACK_PARALLELISM ?= 4
+STACK := $(BIN)/python scripts/stack.py --state-dir "$(STACK_DIR)"
+
+.PHONY: install run test test-fast bench ui up down status clean
 
 $(UV):
 	$(PYTHON) -m venv $(CURDIR)/.tools
@@ -64,6 +72,18 @@ ui: install $(AIRFLOW_HOME)/airflow.db
 	airflow_pid=$$!; \
 	trap 'kill $$mlflow_pid $$airflow_pid 2>/dev/null; wait' INT TERM EXIT; \
 	wait
+
+# The whole stack without containers: PostgreSQL, MLflow server, Airflow
+# api-server, scheduler and dag-processor, all on 127.0.0.1. See README.md.
+up: install
+	$(STACK) up --airflow-port $(STACK_AIRFLOW_PORT) --mlflow-port $(STACK_MLFLOW_PORT) \
+		--postgres-port $(STACK_POSTGRES_PORT) --parallelism $(STACK_PARALLELISM)
+
+down:
+	$(STACK) down
+
+status:
+	$(STACK) status
 
 clean:
 	rm -rf output .cache data/builtin mlflow.db mlartifacts $(AIRFLOW_HOME)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,47 @@ def run_airflow_cli(
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    """The `make up` stack on free ports in a temporary folder, stopped again when the session ends.
+
+    Yields a `scripts/stack.py` `Stack`: its `airflow_url`, `mlflow_url`,
+    `credentials()`, `airflow_token()`, `stop_service()` and `start_service()`
+    reach the running services. Outputs, caches and built-in data of the DAG runs
+    go to the temporary folder, and the DAG has no schedule, so it runs only when
+    a test triggers it.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from stack import Stack, StackSettings, free_port
+
+    # Not under pytest's temporary folder (mode 0700): when the tests run as root,
+    # PostgreSQL runs as another user, who must pass through every folder above its data.
+    root = Path(tempfile.mkdtemp(prefix="fer-stack-test-"))
+    root.chmod(0o711)
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    airflow_port, mlflow_port, postgres_port = sorted(ports)
+    workspace = root / "workspace"
+    settings = StackSettings(
+        airflow_port=airflow_port,
+        mlflow_port=mlflow_port,
+        postgres_port=postgres_port,
+        environment={
+            "FER_OUTPUT_DIR": str(workspace / "output"),
+            "FER_CACHE_DIR": str(workspace / "cache"),
+            "FER_BUILTIN_DATA_DIR": str(workspace / "builtin"),
+            "FER_SCHEDULE": "none",
+            # The three trainings share the machine's cores; one thread each avoids oversubscription.
+            "FER_TF_INTRA_OP_THREADS": "1",
+        },
+    )
+    stack = Stack(root / "state", settings)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+        shutil.rmtree(root, ignore_errors=True)
