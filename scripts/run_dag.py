@@ -13,11 +13,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +31,12 @@ API_START_TIMEOUT_SECONDS = 180
 # `airflow dags test` logs this line once a second while tasks run in executor
 # processes. It carries nothing a user needs, so the runner drops it from the output.
 POLLING_NOISE = "No tasks to run. unrunnable tasks"
+# The DAG run's final state, as the scheduler loop inside `airflow dags test` logs it.
+FINISHED_LINE = re.compile(r"Marking run <DagRun fer_pipeline .*> (successful|failed)")
+# NOTE: `airflow dags test --use-executor` 3.3.2 was seen to wait forever on an idle
+# LocalExecutor worker after a failed run. The runner stops it this long after the
+# DAG run finished and reports the run's own state.
+EXIT_GRACE_SECONDS = 120
 
 logger = logging.getLogger("run_dag")
 
@@ -166,7 +174,11 @@ def stop(server: subprocess.Popen) -> None:
 
 
 def run_filtered(command: list[str], environment: dict[str, str]) -> int:
-    """Run `command`, copying its output to stdout without the polling noise; return its exit code."""
+    """Run `command`, copying its output to stdout without the polling noise; return its exit code.
+
+    The command runs in its own process group, so that it can be stopped together
+    with its executor workers when it does not exit after the DAG run finished.
+    """
     process = subprocess.Popen(
         command,
         cwd=PROJECT_ROOT,
@@ -175,13 +187,44 @@ def run_filtered(command: list[str], environment: dict[str, str]) -> int:
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
+        start_new_session=True,
     )
     assert process.stdout is not None
-    for line in process.stdout:
-        if POLLING_NOISE not in line:
+    outcome: dict[str, int] = {}
+    watchdog: threading.Timer | None = None
+    try:
+        for line in process.stdout:
+            if POLLING_NOISE in line:
+                continue
             sys.stdout.write(line)
             sys.stdout.flush()
-    return process.wait()
+            finished = FINISHED_LINE.search(line)
+            if finished and watchdog is None:
+                outcome["returncode"] = 0 if finished.group(1) == "successful" else 1
+                watchdog = threading.Timer(EXIT_GRACE_SECONDS, _stop_hung_command, args=(process,))
+                watchdog.daemon = True
+                watchdog.start()
+        returncode = process.wait()
+    except KeyboardInterrupt:
+        stop(process)
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+    if returncode in (-signal.SIGTERM, -signal.SIGKILL) and "returncode" in outcome:
+        return outcome["returncode"]
+    return returncode
+
+
+def _stop_hung_command(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        print(
+            f"airflow dags test did not exit {EXIT_GRACE_SECONDS} s after the DAG run finished; "
+            f"stopping it and its executor workers (process group {process.pid})",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop(process)
 
 
 def print_summary(summary_path: Path, minutes: float) -> None:

@@ -87,7 +87,10 @@ def local_stack():
             "FER_OUTPUT_DIR": str(workspace / "output"),
             "FER_CACHE_DIR": str(workspace / "cache"),
             "FER_BUILTIN_DATA_DIR": str(workspace / "builtin"),
+            "FER_CHECKPOINT_DIR": str(workspace / "checkpoints"),
             "FER_SCHEDULE": "none",
+            # Two runs at once, for the concurrency test.
+            "FER_MAX_ACTIVE_RUNS": "2",
             # The three trainings share the machine's cores; one thread each avoids oversubscription.
             "FER_TF_INTRA_OP_THREADS": "1",
         },

@@ -237,35 +237,47 @@ def describe_failure(stack: Stack, token: str, run_id: str, state: str) -> str:
     return "\n".join(message)
 
 
-@pytest.fixture(scope="module")
-def finished_run(local_stack) -> dict:
-    """Trigger fer_pipeline with tiny data through the REST API and wait until the run succeeds."""
-    token = local_stack.airflow_token()
-    base = local_stack.airflow_url
+def trigger_dag_run(stack: Stack, conf: dict) -> str:
+    """Unpause fer_pipeline and trigger a run with `conf` through the REST API; return its run id."""
+    token = stack.airflow_token()
+    base = stack.airflow_url
     status, body = request_json(f"{base}/api/v2/dags/fer_pipeline", "PATCH", {"is_paused": False}, token)
     assert status == 200, body
     status, body = request_json(
-        f"{base}/api/v2/dags/fer_pipeline/dagRuns", "POST", {"logical_date": None, "conf": TINY_CONF}, token
+        f"{base}/api/v2/dags/fer_pipeline/dagRuns", "POST", {"logical_date": None, "conf": conf}, token
     )
     assert status == 200, body
-    run_id = body["dag_run_id"]
+    return body["dag_run_id"]
 
+
+def wait_for_dag_run(stack: Stack, run_id: str, timeout: float = DAG_RUN_TIMEOUT_SECONDS) -> float:
+    """Poll a DAG run until it succeeds and return its minutes; fail the test with the failed tasks' logs."""
     started = time.monotonic()
-    deadline = started + DAG_RUN_TIMEOUT_SECONDS
-    state = body["state"]
+    deadline = started + timeout
+    state = "queued"
     while state not in ("success", "failed") and time.monotonic() < deadline:
         time.sleep(5)
         # Tokens expire, so long waits ask for a new one.
-        token = local_stack.airflow_token()
-        status, body = request_json(f"{base}/api/v2/dags/fer_pipeline/dagRuns/{quote(run_id, safe='')}", token=token)
+        token = stack.airflow_token()
+        path = f"/api/v2/dags/fer_pipeline/dagRuns/{quote(run_id, safe='')}"
+        status, body = request_json(stack.airflow_url + path, token=token)
         assert status == 200, body
         state = body["state"]
     minutes = (time.monotonic() - started) / 60
     if state != "success":
         reason = "timed out" if state not in ("success", "failed") else "failed"
-        pytest.fail(f"DAG run {reason} after {minutes:.1f} min.\n" + describe_failure(local_stack, token, run_id, state))
+        pytest.fail(f"DAG run {reason} after {minutes:.1f} min.\n" + describe_failure(stack, token, run_id, state))
     logger.info("DAG run %s succeeded in %.1f min", run_id, minutes)
-    return {"run_id": run_id, "minutes": minutes, "instances": task_instances(local_stack, token, run_id)}
+    return minutes
+
+
+@pytest.fixture(scope="module")
+def finished_run(local_stack) -> dict:
+    """Trigger fer_pipeline with tiny data through the REST API and wait until the run succeeds."""
+    run_id = trigger_dag_run(local_stack, TINY_CONF)
+    minutes = wait_for_dag_run(local_stack, run_id)
+    instances = task_instances(local_stack, local_stack.airflow_token(), run_id)
+    return {"run_id": run_id, "minutes": minutes, "instances": instances}
 
 
 @pytest.mark.slow
