@@ -80,7 +80,7 @@ class Plan:
     def create(cls, quick: bool) -> Plan:
         if quick:
             return cls(True, 1280, 2, 64, 2000, 640, 2, 640, 2, (64, 128), 2, 700)
-        return cls(False, 0, 2, 64, 0, 3200, 4, 3200, 2, (64, 128, 256), 6, 3500)
+        return cls(False, 0, 2, 64, 0, 3200, 3, 2560, 2, (64, 128, 256), 12, 3500)
 
 
 # ---------------------------------------------------------------------------
@@ -111,18 +111,28 @@ def forward_flops(model: Any) -> int:
 # Parsing
 
 
-def parse_naive(path: Path, rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def parse_naive(path: Path, rows: int = 0, object_strings: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Parse a label,feature file the plain pandas way: `read_csv`, then `str.split` per row.
 
     Reads in chunks of 4,096 rows, so the lists of pixel strings stay small.
+    pandas 3 stores strings in Arrow arrays and splits them in C++. With
+    `object_strings` it stores Python `str` objects, as pandas 2 did by default.
     """
+    import warnings
+
     import pandas as pd
 
     images, labels = [], []
-    for chunk in pd.read_csv(path, chunksize=4096, nrows=rows or None):
-        pixels = np.array(chunk["feature"].str.split(" ").tolist(), dtype=np.uint8)
-        images.append(pixels.reshape(-1, 48, 48))
-        labels.append(chunk["label"].to_numpy())
+    with warnings.catch_warnings():
+        # NOTE: pandas 3.1 warns that it drops the "future.infer_string" option in
+        # pandas 4, which leaves only Arrow strings.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        with pd.option_context("future.infer_string", not object_strings):
+            for chunk in pd.read_csv(path, chunksize=4096, nrows=rows or None):
+                pixels = np.array(chunk["feature"].str.split(" ").tolist(), dtype=np.uint8)
+                images.append(pixels.reshape(-1, 48, 48))
+                labels.append(chunk["label"].to_numpy())
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -163,6 +173,10 @@ def bench_parse(train_path: Path, plan: Plan) -> dict[str, Any]:
         raise RuntimeError(f"the fast parser and the pandas parser disagree on {train_path}")
     # Scale the pandas time to the whole file when it read only a part.
     naive_full = naive * len(dataset.labels) / count
+    object_rows = min(len(dataset.labels), plan.naive_rows or 8192)
+    started = time.perf_counter()
+    parse_naive(train_path, object_rows, object_strings=True)
+    naive_object = (time.perf_counter() - started) * len(dataset.labels) / object_rows
     return {
         "file": str(train_path),
         "rows": int(len(dataset.labels)),
@@ -174,6 +188,9 @@ def bench_parse(train_path: Path, plan: Plan) -> dict[str, Any]:
         "parse_vs_decompress": round(parse / decompress, 3),
         "cache_hit_vs_decompress": round(cache_hit / decompress, 3),
         "parse_speedup_vs_naive": round(naive_full / parse, 2),
+        "naive_object_strings_seconds": round(naive_object, 3),
+        "naive_object_strings_rows_timed": int(object_rows),
+        "parse_speedup_vs_naive_object_strings": round(naive_object / parse, 2),
     }
 
 
@@ -659,10 +676,48 @@ def summarize_targets(results: dict[str, Any]) -> dict[str, Any]:
     return {"values": values, "checks": checks}
 
 
+DEFINITIONS = [
+    "## Definitions",
+    "",
+    "- `augmentation_overhead`: seconds per epoch of `cnn_aug` over `cnn`, same rows and batch size, in the",
+    "  default precision of this CPU (`augmentation_overhead_float32` and `_bfloat16` give both).",
+    "- `parse_vs_decompress`: `fer_tasks.data.load_csv` on the training file over `gzip.decompress` of it;",
+    "  `parse_speedup_vs_naive`: pandas `read_csv` plus `str.split` over `load_csv`, both on this",
+    "  machine's pandas (pandas 3 splits Arrow strings in C++).",
+    "- `cnn_flops_fraction`: 3 x the CNN's forward FLOPs per image (Conv2D and Dense multiply-adds, 2 FLOPs",
+    "  each) x float32 training images/s, over TensorFlow's float32 2048x2048 matmul FLOP/s.",
+    "- `bf16_speedup`: `cnn` training images/s in `mixed_bfloat16` over float32;",
+    "  `bf16_accuracy_gap_points`: their validation accuracies after the same epochs, in points.",
+    "- `orchestration_overhead`: wall time of `scripts/run_dag.py` (api-server start, DAG run, stop) over",
+    "  one Python process that runs the same task functions one after another.",
+    "- Levers: `batch_N` trains at batch size N; `keras_batch_norm` uses Keras' own BatchNormalization",
+    "  instead of the fused kernel; `onednn_off` sets `TF_ENABLE_ONEDNN_OPTS=0`; `three_tasks_*` trains",
+    "  `cnn_aug`, `cnn` and `dnn` one after another with one thread per core, or at once with the derived",
+    "  threads (1 each on 2 cores) or with one thread per core each.",
+    "",
+    "## Reproduce",
+    "",
+    "```bash",
+    "make bench                 # full run",
+    "make bench BENCH_QUICK=1   # shrunk sizes, for development",
+    "FER_DATA_DIR=path/to/fer2013 make bench",
+    ".venv/bin/python -m fer_tasks.benchmark --render-only   # rewrite this page from results.json",
+    "```",
+    "",
+    "Timings vary with other load on the machine; the load average at the start is recorded above.",
+    "",
+]
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     """Write the human-readable benchmark page."""
+    lines = _summary_lines(results) + _training_lines(results) + _other_lines(results) + DEFINITIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def _summary_lines(results: dict[str, Any]) -> list[str]:
     machine = results["machine"]
-    targets = results["targets"]
     lines = [
         "# Benchmarks",
         "",
@@ -681,10 +736,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "| target | value | bound | met |",
         "|---|---|---|---|",
     ]
-    for key, check in targets["checks"].items():
+    for key, check in results["targets"]["checks"].items():
         lines.append(f"| `{key}` | {check['value']} | {check['bound']} | {'yes' if check['met'] else 'no'} |")
+    return lines
+
+
+def _training_lines(results: dict[str, Any]) -> list[str]:
     interleaved = results["interleaved"]
-    lines += [
+    lines = [
         "",
         "## CNN epochs taking turns",
         "",
@@ -696,8 +755,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     ]
     for key, seconds in interleaved["epoch_seconds"].items():
         lines.append(f"| {key} | {seconds} | {interleaved['images_per_second'][key]} |")
-    lines += ["", "## Training runs", ""]
     lines += [
+        "",
+        "## Training runs",
+        "",
         "Each run trains in its own process on the full training split, as a training task does;",
         "images/s comes from the epochs after the first, and peak MB is the process's maximum resident memory.",
         "",
@@ -710,19 +771,33 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"{run['images_per_second']} | {run['training_gflops']} | {run['validation_accuracy']} | "
             f"{run['peak_memory_mb']} |"
         )
+    return lines
+
+
+def _other_lines(results: dict[str, Any]) -> list[str]:
     parse = results["parse"]
-    lines += [
+    matmul = results["matmul"]
+    lines = [
         "",
         "## Parsing",
         "",
         f"{parse['rows']} rows of `{Path(parse['file']).name}`: decompress {parse['decompress_seconds']} s, "
         f"parse {parse['parse_seconds']} s, cache hit {parse['cache_hit_seconds']} s, pandas `str.split` "
         f"{parse['naive_seconds']} s (timed on {parse['naive_rows_timed']} rows, scaled to the file).",
+        *(
+            [
+                f"The same pandas code with Python `str` objects, the pandas 2 default, takes "
+                f"{parse['naive_object_strings_seconds']} s (timed on {parse['naive_object_strings_rows_timed']} "
+                f"rows, scaled), {parse['parse_speedup_vs_naive_object_strings']} times the parse time."
+            ]
+            if "naive_object_strings_seconds" in parse
+            else []
+        ),
         "",
         "## Matrix multiply",
         "",
-        f"TensorFlow {results['matmul']['matmul_size']}x{results['matmul']['matmul_size']}: float32 "
-        f"{results['matmul']['matmul_float32_gflops']} GFLOP/s, bfloat16 {results['matmul']['matmul_bfloat16_gflops']} GFLOP/s.",
+        f"TensorFlow {matmul['matmul_size']}x{matmul['matmul_size']}: float32 "
+        f"{matmul['matmul_float32_gflops']} GFLOP/s, bfloat16 {matmul['matmul_bfloat16_gflops']} GFLOP/s.",
     ]
     if "levers" in results:
         lines += ["", "## Levers", "", "| lever | value |", "|---|---|"]
@@ -736,40 +811,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"Built-in data, params {json.dumps(orchestration['params'])}: DAG run "
             f"{orchestration['dag_seconds']} s, the same steps in one process {orchestration['in_process_seconds']} s.",
         ]
-    lines += [
-        "",
-        "## Definitions",
-        "",
-        "- `augmentation_overhead`: seconds per epoch of `cnn_aug` over `cnn`, same rows and batch size, in the",
-        "  default precision of this CPU (`augmentation_overhead_float32` and `_bfloat16` give both).",
-        "- `parse_vs_decompress`: `fer_tasks.data.load_csv` on the training file over `gzip.decompress` of it;",
-        "  `parse_speedup_vs_naive`: pandas `read_csv` plus `str.split` over `load_csv`.",
-        "- `cnn_flops_fraction`: 3 x the CNN's forward FLOPs per image (Conv2D and Dense multiply-adds, 2 FLOPs",
-        "  each) x float32 training images/s, over TensorFlow's float32 2048x2048 matmul FLOP/s.",
-        "- `bf16_speedup`: `cnn` training images/s in `mixed_bfloat16` over float32;",
-        "  `bf16_accuracy_gap_points`: their validation accuracies after the same epochs, in points.",
-        "- `orchestration_overhead`: wall time of `scripts/run_dag.py` (api-server start, DAG run, stop) over",
-        "  one Python process that runs the same task functions one after another.",
-        "- Levers: `batch_N` trains at batch size N; `keras_batch_norm` uses Keras' own BatchNormalization",
-        "  instead of the fused kernel; `onednn_off` sets `TF_ENABLE_ONEDNN_OPTS=0`; `three_tasks_*` trains",
-        "  `cnn_aug`, `cnn` and `dnn` one after another with one thread per core, or at once with the derived",
-        "  threads (1 each on 2 cores) or with one thread per core each.",
-    ]
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        "make bench                 # full run, about 20 min on 2 idle cores",
-        "make bench BENCH_QUICK=1   # shrunk sizes, for development",
-        "FER_DATA_DIR=path/to/fer2013 make bench",
-        "```",
-        "",
-        "Timings vary with other load on the machine; the load average at the start is recorded above.",
-        "",
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    return lines + [""]
 
 
 def run_benchmark(plan: Plan, data_dir: Path | None, sections: set[str]) -> dict[str, Any]:
@@ -836,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out a section (repeatable)")
     parser.add_argument("--output", default=str(RESULTS_PATH), help="results JSON file")
     parser.add_argument("--doc", default=str(DOC_PATH), help="Markdown page written from the results")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only rewrite the Markdown page from an existing results file")
     arguments = parser.parse_args(argv)
 
     if arguments.command == "worker":
@@ -845,6 +889,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if arguments.render_only:
+        write_markdown(json.loads(Path(arguments.output).read_text()), Path(arguments.doc))
+        print(f"Wrote {arguments.doc} from {arguments.output}")
+        return 0
     data_dir = Path(arguments.data_dir).expanduser()
     if not (data_dir / "train.csv.gz").is_file() or not (data_dir / "test.csv.gz").is_file():
         logger.info("No train.csv.gz and test.csv.gz in %s; using the built-in data", data_dir)

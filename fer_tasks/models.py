@@ -27,7 +27,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     Keras 3 (3.15) normalises with separate moment, subtract and scale ops and, under
     "mixed_bfloat16", casts the whole activation to float32 and back. TensorFlow's
-    `FusedBatchNormV3` (oneDNN on x86) does the same arithmetic in one pass and
+    `FusedBatchNormV3` does the same arithmetic in one pass and
     accepts bfloat16 input with float32 statistics. The moving statistics follow
     the same update as the parent class: the batch variance is the biased one, as
     in Keras. Inference, masks, renormalisation, other ranks and other backends

@@ -1,17 +1,18 @@
 """Runtime settings that decide training speed: numeric precision and TensorFlow threads.
 
 Precision: Keras' "mixed_bfloat16" policy computes in bfloat16 and keeps the
-weights in float32. It pays only on CPUs with native bfloat16 instructions
-(AVX-512 BF16 or AMX). Elsewhere TensorFlow emulates bfloat16, which is slower
-than float32, so `precision="auto"` picks bfloat16 only where the CPU flags show
-native support.
+weights in float32. `precision="auto"` picks it only where the CPU flags show
+native bfloat16 instructions (AVX-512 BF16 or AMX), because elsewhere TensorFlow
+emulates bfloat16 in software. NOTE: the emulated case is expected to train
+slower than float32 but was not measured here, because the benchmark machine
+has avx512_bf16.
 
 Threads: several training tasks share one machine's cores (the Airflow pool
 `training` runs up to `FER_TRAINING_POOL_SLOTS` of them at once). Each task gets
 `max(1, cores // parallel_tasks)` intra-op and inter-op threads, where
 `parallel_tasks` is the smaller of the pool slots and the number of models the run
-trains. Without this each task starts one thread per core, and three tasks on two
-cores run six busy threads that evict each other's caches.
+trains. Without this each task starts one thread per core, so three tasks on two
+cores run six busy threads.
 
 This module imports Keras and TensorFlow only inside the functions that need them.
 """
@@ -81,15 +82,15 @@ def resolve_precision(requested: str, flags: frozenset[str] | None = None) -> Pr
             "bfloat16",
             "mixed_bfloat16",
             "bfloat16 was requested, but the CPU has neither avx512_bf16 nor amx_bf16, so "
-            "TensorFlow emulates it and trains slower than in float32",
+            "TensorFlow emulates it in software, which is expected to train slower than float32",
         )
     if native:
         return Precision("bfloat16", "mixed_bfloat16", f"auto: the CPU has {', '.join(native)}")
     return Precision(
         "float32",
         "float32",
-        "auto: the CPU has neither avx512_bf16 nor amx_bf16, and emulated bfloat16 is "
-        "slower than float32",
+        "auto: the CPU has neither avx512_bf16 nor amx_bf16, so bfloat16 would be emulated "
+        "in software",
     )
 
 
