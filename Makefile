@@ -27,6 +27,8 @@ TRAIN_CSV ?=
 TEST_CSV ?=
 EPOCHS ?= 12
 CONF ?= {}
+# `make bench BENCH_QUICK=1` shrinks the benchmark's sizes for development.
+BENCH_QUICK ?=
 export MLFLOW_PORT ?= 5000
 
 # `make up` settings: the state folder and the ports on 127.0.0.1.
@@ -61,6 +63,9 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+bench: install
+	BENCH_QUICK=$(BENCH_QUICK) TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m fer_tasks.benchmark
 
 ui: install $(AIRFLOW_HOME)/airflow.db
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"

@@ -37,6 +37,7 @@ from fer_tasks.config import (
     CNN_CONV_LAYERS,
     DEFAULTS,
     MODEL_NAMES,
+    PRECISIONS,
     REPORT_LANGUAGES,
     max_active_runs,
     retraining_schedule,
@@ -84,6 +85,10 @@ PARAMS = {
                         description="Images per training step."),
     "learning_rate": Param(DEFAULTS.learning_rate, type="number", exclusiveMinimum=0, maximum=1,
                            title="Learning rate", description="Adam learning rate."),
+    "precision": Param(DEFAULTS.precision, type="string", enum=list(PRECISIONS), title="Training precision",
+                       description="auto: bfloat16 (Keras mixed_bfloat16) where the CPU has native bfloat16 "
+                                   "(AVX-512 BF16 or AMX), else float32. Saliency maps and filter patterns "
+                                   "are always computed in float32."),
     "validation_mode": Param(DEFAULTS.validation_mode, type="string", enum=["head", "stratified"],
                              title="Validation split",
                              description="head: the first rows of the training file (as in the original study); "

@@ -26,6 +26,10 @@ CNN_CONV_LAYERS = tuple(f"block{block}_conv{index}" for block in (1, 2, 3) for i
 ValidationMode = Literal["head", "stratified"]
 ReportLanguage = Literal["en", "zh-TW"]
 REPORT_LANGUAGES = ("en", "zh-TW")
+# "auto" trains in bfloat16 where the CPU computes it natively, else in float32
+# (fer_tasks.performance.resolve_precision).
+TrainingPrecision = Literal["auto", "bfloat16", "float32"]
+PRECISIONS = ("auto", "bfloat16", "float32")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,6 +115,7 @@ class PipelineConfig:
     epochs: int = 30
     batch_size: int = 64
     learning_rate: float = 1e-3
+    precision: TrainingPrecision = "auto"
     validation_mode: ValidationMode = "head"
     validation_fraction: float = 0.1
     patience: int = 5
@@ -145,6 +150,8 @@ class PipelineConfig:
             raise ValueError(
                 f"validation_fraction must be in (0, 0.5), got {self.validation_fraction}"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.report_language not in REPORT_LANGUAGES:
             raise ValueError(
                 f"report_language must be one of {list(REPORT_LANGUAGES)}, "

@@ -8,7 +8,6 @@ so augmentation runs vectorised beside the training step instead of image by ima
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -18,7 +17,8 @@ from fer_tasks import tracking
 from fer_tasks.checkpoints import CheckpointStore, TrainingState
 from fer_tasks.config import PipelineConfig
 from fer_tasks.datasets import Splits, load_splits
-from fer_tasks.models import to_model_input
+from fer_tasks.models import standard_copy, to_model_input
+from fer_tasks.performance import Precision, dtype_policy, resolve_precision
 from fer_tasks.tracking import RunContext
 
 logger = logging.getLogger(__name__)
@@ -27,30 +27,40 @@ ROTATION_DEGREES = 10.0
 SHIFT_FRACTION = 0.1
 
 
-def configure_threads() -> None:
-    """Apply `FER_TF_INTRA_OP_THREADS` and `FER_TF_INTER_OP_THREADS` before TensorFlow runs ops.
+def configure_threads(models: int = 1) -> tuple[int, int]:
+    """Set TensorFlow's intra- and inter-op threads for one of the run's training tasks.
 
-    Several training tasks on one machine each get a share of its cores this way,
-    instead of every task starting one thread per core.
+    `fer_tasks.performance.training_threads` derives the counts from the cores, the
+    training pool's slots and the number of `models` the run trains, so parallel
+    tasks share the cores instead of each starting one thread per core.
+    `FER_TF_INTRA_OP_THREADS` and `FER_TF_INTER_OP_THREADS` override them. Returns
+    the counts in effect.
     """
     import tensorflow as tf
 
-    intra = int(os.environ.get("FER_TF_INTRA_OP_THREADS", "0"))
-    inter = int(os.environ.get("FER_TF_INTER_OP_THREADS", "0"))
+    from fer_tasks.performance import training_threads
+
+    intra, inter = training_threads(models)
     try:
-        if intra:
-            tf.config.threading.set_intra_op_parallelism_threads(intra)
-        if inter:
-            tf.config.threading.set_inter_op_parallelism_threads(inter)
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError:
         # TensorFlow fixes its thread pools when it first runs an op. In a process
         # that already trained (a test session, a notebook) the first setting stays.
         logger.warning("TensorFlow threads are already initialised; keeping the current setting")
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    inter = tf.config.threading.get_inter_op_parallelism_threads()
+    logger.info("TensorFlow threads: intra-op %s, inter-op %s (0 means one per core)", intra, inter)
+    return intra, inter
+
+
+def resolve_training_precision(config: PipelineConfig) -> Precision:
+    """Resolve and log the run's `precision` setting (auto, bfloat16 or float32)."""
+    precision = resolve_precision(config.precision)
     logger.info(
-        "TensorFlow threads: intra-op %s, inter-op %s (0 means one per core)",
-        tf.config.threading.get_intra_op_parallelism_threads(),
-        tf.config.threading.get_inter_op_parallelism_threads(),
+        "Training precision: %s (Keras policy %s). Reason: %s", precision.name, precision.policy, precision.reason
     )
+    return precision
 
 
 def build_augmenter(seed: int) -> Any:
@@ -195,7 +205,7 @@ def fit_model(
     from fer_tasks.models import build_model
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(model_name)
+    model = build_model(model_name, fused_batch_norm=True)
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -320,7 +330,8 @@ def train_model(
     retry of the task resumes from the last epoch checkpoint of the earlier try and
     reopens its MLflow run; the checkpoints are deleted once the run is complete.
     """
-    configure_threads()
+    intra_threads, inter_threads = configure_threads(len(config.models))
+    precision = resolve_training_precision(config)
     store = CheckpointStore.for_task(context.dag_id, context.dag_run_id, context.task_id)
     splits = load_splits(config)
     logger.info(
@@ -344,9 +355,14 @@ def train_model(
                 "train_rows": len(splits.train_labels),
                 "validation_rows": len(splits.validation_labels),
                 "data_sha256": splits.sha256,
+                "precision_used": precision.name,
+                "precision_reason": precision.reason,
+                "intra_op_threads": intra_threads,
+                "inter_op_threads": inter_threads,
             }
         )
-        model, fit = fit_model(model_name, splits, config, store=store, run_id=run_id)
+        with dtype_policy(precision.policy):
+            model, fit = fit_model(model_name, splits, config, store=store, run_id=run_id)
         validation_loss, validation_accuracy = model.evaluate(
             make_dataset(
                 splits.validation_images,
@@ -367,6 +383,8 @@ def train_model(
                 "seconds_per_epoch": fit["seconds_per_epoch"],
             }
         )
+        # The saved model has plain Keras layers, so loading it needs no fer_tasks import.
+        model = standard_copy(model)
         summary_text, architecture = describe_architecture(model)
         tracking.log_text(summary_text, tracking.SUMMARY_ARTIFACT)
         tracking.log_json(architecture, tracking.ARCHITECTURE_ARTIFACT)
