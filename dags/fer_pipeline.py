@@ -87,7 +87,8 @@ PARAMS = {
                            title="Learning rate", description="Adam learning rate."),
     "precision": Param(DEFAULTS.precision, type="string", enum=list(PRECISIONS), title="Training precision",
                        description="auto: bfloat16 (Keras mixed_bfloat16) where the CPU has native bfloat16 "
-                                   "(AVX-512 BF16 or AMX), else float32. Saliency maps and filter patterns "
+                                   "(AVX-512 BF16 or AMX), else float32; the dense network always in float32. "
+                                   "Saliency maps and filter patterns "
                                    "are always computed in float32."),
     "validation_mode": Param(DEFAULTS.validation_mode, type="string", enum=["head", "stratified"],
                              title="Validation split",

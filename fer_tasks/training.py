@@ -15,7 +15,7 @@ import numpy as np
 
 from fer_tasks import tracking
 from fer_tasks.checkpoints import CheckpointStore, TrainingState
-from fer_tasks.config import PipelineConfig
+from fer_tasks.config import CNN_MODEL_NAMES, PipelineConfig
 from fer_tasks.datasets import Splits, load_splits
 from fer_tasks.models import standard_copy, to_model_input
 from fer_tasks.performance import Precision, dtype_policy, resolve_precision
@@ -54,11 +54,27 @@ def configure_threads(models: int = 1) -> tuple[int, int]:
     return intra, inter
 
 
-def resolve_training_precision(config: PipelineConfig) -> Precision:
-    """Resolve and log the run's `precision` setting (auto, bfloat16 or float32)."""
+def resolve_training_precision(config: PipelineConfig, model_name: str) -> Precision:
+    """Resolve and log the `precision` setting (auto, bfloat16 or float32) for one model.
+
+    With `auto`, the dense network trains in float32 whatever the CPU: bfloat16
+    cost it 19 points of validation accuracy on the built-in data (0.457 against
+    0.646 after 12 epochs), and it takes about a second per epoch either way.
+    """
     precision = resolve_precision(config.precision)
+    if config.precision == "auto" and model_name not in CNN_MODEL_NAMES and precision.name != "float32":
+        precision = Precision(
+            "float32",
+            "float32",
+            f"auto: {model_name} trains in float32, because bfloat16 lowered its validation accuracy "
+            "and its epochs are short anyway",
+        )
     logger.info(
-        "Training precision: %s (Keras policy %s). Reason: %s", precision.name, precision.policy, precision.reason
+        "Training precision of %s: %s (Keras policy %s). Reason: %s",
+        model_name,
+        precision.name,
+        precision.policy,
+        precision.reason,
     )
     return precision
 
@@ -331,7 +347,7 @@ def train_model(
     reopens its MLflow run; the checkpoints are deleted once the run is complete.
     """
     intra_threads, inter_threads = configure_threads(len(config.models))
-    precision = resolve_training_precision(config)
+    precision = resolve_training_precision(config, model_name)
     store = CheckpointStore.for_task(context.dag_id, context.dag_run_id, context.task_id)
     splits = load_splits(config)
     logger.info(

@@ -227,3 +227,23 @@ def test_naive_parser_with_object_strings(tmp_path):
     expected, _ = parse_naive(path)
     assert labels.tolist() == [0, 1, 2]
     assert np.array_equal(images, expected)
+
+
+@pytest.mark.parametrize(
+    ("requested", "model_name", "expected"),
+    [("auto", "dnn", "float32"), ("bfloat16", "dnn", "bfloat16"), ("float32", "cnn", "float32"),
+     ("bfloat16", "cnn_aug", "bfloat16")],
+)
+def test_training_precision_per_model(requested, model_name, expected):
+    from fer_tasks.training import resolve_training_precision
+
+    precision = resolve_training_precision(PipelineConfig(precision=requested), model_name)
+    assert precision.name == expected
+
+
+def test_auto_precision_of_cnn_follows_cpu():
+    from fer_tasks.performance import resolve_precision
+    from fer_tasks.training import resolve_training_precision
+
+    precision = resolve_training_precision(PipelineConfig(precision="auto"), "cnn")
+    assert precision.name == resolve_precision("auto").name
