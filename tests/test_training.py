@@ -130,3 +130,152 @@ def test_train_model_logs_one_finished_run(tracking_store):
     model = tracking.load_keras_model(result["model_uri"])
     assert model.count_params() == result["parameters"]
     assert 0.0 <= result["val_accuracy"] <= 1.0
+
+
+def _blob_image(row: int, column: int, size: int = 48) -> np.ndarray:
+    """Return a (size, size, 1) float32 image, black but for a bright 2x2 blob at (row, column)."""
+    image = np.zeros((size, size, 1), dtype=np.float32)
+    image[row : row + 2, column : column + 2] = 1.0
+    return image
+
+
+def _blob_centres(images: np.ndarray) -> np.ndarray:
+    """Return the (row, column) centroid of the bright pixels of each image."""
+    centres = []
+    for image in images[..., 0]:
+        rows, columns = np.nonzero(image > 0.5)
+        assert rows.size > 0, "the bright blob left the image"
+        centres.append((rows.mean(), columns.mean()))
+    return np.array(centres)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_augmenter_keeps_shape_dtype_and_range(dtype):
+    from fer_tasks.augmentation import RandomFlipRotateShift
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(16, 48, 48, 1)).astype(dtype)
+    if dtype == np.float32:
+        images /= 255.0
+    augmented = np.asarray(RandomFlipRotateShift(seed=0)(images, training=True))
+    assert augmented.shape == images.shape
+    assert augmented.dtype == images.dtype
+    assert augmented.min() >= images.min()
+    assert augmented.max() <= images.max()
+    # Nearest interpolation only copies input pixels.
+    assert set(np.unique(augmented)) <= set(np.unique(images))
+    assert not np.array_equal(augmented, images)
+
+
+def test_augmenter_is_identity_when_not_training():
+    from fer_tasks.augmentation import RandomFlipRotateShift
+
+    images = np.random.default_rng(3).random((4, 48, 48, 1), dtype=np.float32)
+    layer = RandomFlipRotateShift(seed=0)
+    assert np.array_equal(np.asarray(layer(images, training=False)), images)
+    assert np.array_equal(np.asarray(layer(images)), images)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_augmenter_pure_flip_mirrors_width(interpolation):
+    from fer_tasks.augmentation import RandomFlipRotateShift
+
+    images = np.random.default_rng(4).random((64, 48, 48, 1), dtype=np.float32)
+    layer = RandomFlipRotateShift(rotation_degrees=0.0, shift_fraction=0.0, interpolation=interpolation, seed=1)
+    augmented = np.asarray(layer(images, training=True))
+    flipped = [np.array_equal(out, np.flip(image, axis=1)) for out, image in zip(augmented, images)]
+    kept = [np.array_equal(out, image) for out, image in zip(augmented, images)]
+    assert all(was_flipped or was_kept for was_flipped, was_kept in zip(flipped, kept))
+    # 64 fair coin flips: fewer than 16 or more than 48 heads has odds below 1 in 10,000.
+    assert 16 <= sum(flipped) <= 48
+
+
+def test_composed_transform_flips_then_shifts():
+    import keras
+
+    from fer_tasks.augmentation import compose_transforms
+
+    image = _blob_image(10, 5)
+    matrices = compose_transforms(
+        flip=np.array([False, True]),
+        angle=np.zeros(2, dtype=np.float32),
+        shift_x=np.array([3.0, 3.0], dtype=np.float32),
+        shift_y=np.array([-2.0, -2.0], dtype=np.float32),
+        height=48,
+        width=48,
+    )
+    moved = np.asarray(keras.ops.image.affine_transform(np.stack([image, image]), matrices, interpolation="nearest"))
+    assert np.array_equal(moved[0], _blob_image(8, 8))
+    # Flipped first: columns 5-6 become 41-42, then the shift moves them to 44-45.
+    assert np.array_equal(moved[1], _blob_image(8, 44))
+
+
+def test_composed_transform_rotates_clockwise_about_centre():
+    import keras
+
+    from fer_tasks.augmentation import compose_transforms
+
+    # A 2x2 blob centred 20 pixels right of the image centre (23.5, 23.5).
+    image = _blob_image(23, 43)
+    matrices = compose_transforms(
+        flip=np.array([False]),
+        angle=np.array([np.pi / 2], dtype=np.float32),
+        shift_x=np.zeros(1, dtype=np.float32),
+        shift_y=np.zeros(1, dtype=np.float32),
+        height=48,
+        width=48,
+    )
+    rotated = np.asarray(keras.ops.image.affine_transform(image[np.newaxis], matrices, interpolation="nearest"))
+    assert np.array_equal(rotated[0], _blob_image(43, 23))
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_augmenter_rotation_stays_within_range(interpolation):
+    from fer_tasks.augmentation import RandomFlipRotateShift
+
+    images = np.stack([_blob_image(23, 43)] * 64)
+    layer = RandomFlipRotateShift(rotation_degrees=10.0, shift_fraction=0.0, interpolation=interpolation, seed=2)
+    centres = _blob_centres(np.asarray(layer(images, training=True)))
+    offsets_y = centres[:, 0] - 23.5
+    # A flip mirrors the blob to the left side; its distance from the centre stays.
+    offsets_x = np.abs(centres[:, 1] - 23.5)
+    angles = np.degrees(np.arctan2(offsets_y, offsets_x))
+    radii = np.hypot(offsets_x, offsets_y)
+    # One pixel at radius 20 spans about 2.9 degrees, so nearest sampling may add that much.
+    assert np.abs(angles).max() <= 10.0 + 3.0
+    assert np.abs(radii - 20.0).max() <= 1.5
+    assert angles.min() < -4.0
+    assert angles.max() > 4.0
+
+
+def test_augmenter_shift_stays_within_range():
+    from fer_tasks.augmentation import RandomFlipRotateShift
+
+    images = np.stack([_blob_image(23, 23)] * 64)
+    layer = RandomFlipRotateShift(rotation_degrees=0.0, shift_fraction=0.1, seed=3)
+    centres = _blob_centres(np.asarray(layer(images, training=True)))
+    # The blob sits on the centre, so a flip leaves it in place; shifts reach 4.8 pixels.
+    shifts = centres - 23.5
+    assert np.abs(shifts).max() <= 4.8 + 0.5
+    assert np.abs(shifts[:, 0]).max() >= 2.0
+    assert np.abs(shifts[:, 1]).max() >= 2.0
+
+
+def test_augmenter_rejects_bad_settings():
+    from fer_tasks.augmentation import RandomFlipRotateShift
+
+    with pytest.raises(ValueError, match="rotation_degrees"):
+        RandomFlipRotateShift(rotation_degrees=-1.0)
+    with pytest.raises(ValueError, match="shift_fraction"):
+        RandomFlipRotateShift(shift_fraction=1.5)
+    with pytest.raises(ValueError, match="interpolation"):
+        RandomFlipRotateShift(interpolation="bicubic")
+
+
+def test_augmenting_uint8_equals_augmenting_scaled():
+    from fer_tasks.augmentation import RandomFlipRotateShift
+
+    images = np.random.default_rng(5).integers(0, 256, size=(8, 48, 48, 1), dtype=np.uint8)
+    from_uint8 = np.asarray(RandomFlipRotateShift(seed=4)(images, training=True)).astype(np.float32) / 255.0
+    from_scaled = np.asarray(RandomFlipRotateShift(seed=4)(images.astype(np.float32) / 255.0, training=True))
+    assert np.array_equal(from_uint8, from_scaled)
