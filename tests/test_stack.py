@@ -423,7 +423,9 @@ def test_ui_shows_graph_and_mlflow_link(local_stack, finished_run, mlflow_runs, 
 
     browser.get(f"{base}/")
     wait.until(expected_conditions.url_contains("/auth/login"))
-    browser.find_element(By.CSS_SELECTOR, "input[name=username]").send_keys(login.username)
+    # The login page is a React app: the URL changes before its form is drawn.
+    username = wait.until(expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "input[name=username]")))
+    username.send_keys(login.username)
     browser.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(login.password)
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait.until(lambda driver: "/auth/login" not in driver.current_url)
