@@ -262,7 +262,7 @@ def worker_train(arguments: dict[str, Any]) -> dict[str, Any]:
 
     from fer_tasks.config import PipelineConfig
     from fer_tasks.datasets import load_splits
-    from fer_tasks.training import configure_threads, make_dataset
+    from fer_tasks.training import configure_threads, validation_dataset
 
     config = PipelineConfig.from_params(arguments["config"])
     intra, inter = configure_threads(arguments.get("parallel_tasks", 1))
@@ -272,14 +272,7 @@ def worker_train(arguments: dict[str, Any]) -> dict[str, Any]:
     model_name = arguments["model"]
     fused = arguments.get("fused_batch_norm", True)
     model, train = compiled_model(model_name, arguments["precision"], config, images, labels, fused)
-    validation = make_dataset(
-        splits.validation_images,
-        splits.validation_labels,
-        config.batch_size,
-        shuffle=False,
-        augment=False,
-        seed=config.seed,
-    )
+    validation = validation_dataset(splits, config)
     epoch_seconds: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):

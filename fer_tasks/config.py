@@ -67,7 +67,7 @@ def max_active_runs() -> int:
     """How many runs of `fer_pipeline` may run at once (`FER_MAX_ACTIVE_RUNS`, default 1).
 
     Each run trains three models, so a second concurrent run on the same workers
-    mostly competes for their cores; raise it when the workers have room.
+    mostly competes for their cores. Raise it when the workers have room.
     """
     value = os.environ.get("FER_MAX_ACTIVE_RUNS", "1")
     if not value.isdigit() or int(value) < 1:

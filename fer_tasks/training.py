@@ -124,6 +124,18 @@ def make_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def validation_dataset(splits: Splits, config: PipelineConfig) -> Any:
+    """Return the validation split as an unshuffled, unaugmented dataset."""
+    return make_dataset(
+        splits.validation_images,
+        splits.validation_labels,
+        config.batch_size,
+        shuffle=False,
+        augment=False,
+        seed=config.seed,
+    )
+
+
 class EpochRecorder:
     """Build a Keras callback that records each finished epoch.
 
@@ -284,14 +296,7 @@ def _fit(
         augment=model_name == "cnn_aug",
         seed=config.seed,
     )
-    validation = make_dataset(
-        splits.validation_images,
-        splits.validation_labels,
-        config.batch_size,
-        shuffle=False,
-        augment=False,
-        seed=config.seed,
-    )
+    validation = validation_dataset(splits, config)
     recorder = EpochRecorder(model_name, config.epochs, state, stopping, store, sender, best_weights)
     # NOTE: a resumed training reseeds its shuffling and augmentation from the start,
     # so its later epochs see other batches than an uninterrupted run would.
@@ -336,7 +341,7 @@ def train_model(
 
     The summary (run id, model URI, headline metrics) is what travels by XCom. A
     retry of the task resumes from the last epoch checkpoint of the earlier try and
-    reopens its MLflow run; the checkpoints are deleted once the run is complete.
+    reopens its MLflow run. The checkpoints are deleted once the run is complete.
     """
     intra_threads, inter_threads = configure_threads(len(config.models))
     precision = resolve_training_precision(config, model_name)
@@ -372,14 +377,7 @@ def train_model(
         with dtype_policy(precision.policy):
             model, fit = fit_model(model_name, splits, config, store=store, run_id=run_id)
         validation_loss, validation_accuracy = model.evaluate(
-            make_dataset(
-                splits.validation_images,
-                splits.validation_labels,
-                config.batch_size,
-                shuffle=False,
-                augment=False,
-                seed=config.seed,
-            ),
+            validation_dataset(splits, config),
             verbose=0,
         )
         tracking.log_metrics(
